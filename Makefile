@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make run` and `make test`. Both set up .venv/ first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ghostsys-installed
+# uv reads no pip config: hand it the find-links folder pip is configured with (the local CPU torch).
+FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+
+.PHONY: setup run test bench check clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency list or the pins change; `make setup` is a no-op otherwise.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q -c constraints.txt uv
+	DS_BUILD_OPS=0 $(BIN)/uv pip install -q -p $(BIN)/python $(UV_FLAGS) -c constraints.txt -e '.[dev]'
+	@touch $@
+
+run: setup
+	$(BIN)/python launch/run.py --mode accumulate --nfp 8
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+bench: setup
+	$(BIN)/python -m ghostsys.bench
+
+check: setup
+	$(BIN)/torchrun --nproc_per_node 2 launch/check.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -14,6 +14,7 @@ setup: $(STAMP)
 # Re-installs only when the dependency list or the pins change; `make setup` is a no-op otherwise.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null
 	@$(BIN)/python -m pip install -q -c constraints.txt uv
 	DS_BUILD_OPS=0 $(BIN)/uv pip install -q -p $(BIN)/python $(UV_FLAGS) -c constraints.txt -e '.[dev]'
 	@touch $@

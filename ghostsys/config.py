@@ -1,0 +1,294 @@
+"""The one run configuration: typed, frozen, validated up front, printed at start, saved as JSON.
+
+The factorization that makes every GhostNorm mechanism the same experiment (DESIGN §2):
+``M = n_g × n_fp × micro`` and ``G_M = (n_g / k) · n_fp · G_layer`` where ``k`` is the number of
+consecutive ranks that share statistics (1 unless ``mode == "syncbn"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MODES = ("layer", "accumulate", "unsynced", "syncbn")
+ENGINES = ("accelerate", "deepspeed")
+NORMS = ("batch", "ghost", "seq", "group", "noisy", "none")
+DATASETS = ("synthetic", "mnist", "cifar10", "cifar100", "imagenet")
+SCHEDULES = ("constant", "onecycle", "warmup_cosine")
+STATS_POLICIES = ("mean", "sequential")
+BUFFER_SYNCS = ("engine", "allreduce")
+DTYPES = ("float32", "float64")
+
+# Fields that say where and how loudly a run goes, not what it computes: left out of the run's
+# identity so the same experiment maps to the same directory (and resumes) whatever they are.
+_NON_IDENTITY = ("out", "progress", "checkpoint_every", "nprocs", "keep_checkpoints", "collective_timeout")
+
+
+# Models whose norm layers see (M, C) features, where a one-sample ghost batch is a single value.
+_FEATURE_MODELS = ("simplenet",)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message names the fix."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; ``validate()`` refuses any combination that cannot run."""
+
+    mode: str = "accumulate"
+    """GhostNorm mechanism: layer (explicit GhostNorm), accumulate (BatchNorm over n_fp passes),
+    unsynced (data parallel, per-rank BatchNorm), syncbn (BatchNorm synced over k ranks)."""
+    engine: str = "accelerate"
+    """Training engine: accelerate (DDP under Accelerate) or deepspeed."""
+    norm: str = ""
+    """Normalization layer: batch, ghost, seq, group, noisy, none; empty = ghost for mode layer, else batch."""
+    model: str = "cnn"
+    """Model name: cnn, simplenet, resnet56, wrn28_10, or tv:<torchvision name>."""
+    dataset: str = "synthetic"
+    """Data set: synthetic (seeded, embedded default), mnist, cifar10, cifar100, imagenet."""
+    data_root: str | None = None
+    """Local folder holding the data set files (never downloaded)."""
+    batch_size: int = 256
+    """Global mini-batch M, whatever the factorization."""
+    nfp: int = 1
+    """n_fp: forward passes (micro-batches) per optimizer step on each process."""
+    ghost_groups: int = 1
+    """G_layer: ghost groups inside each explicit GhostNorm/SeqNorm layer, per micro-batch."""
+    channel_groups: int = 1
+    """G_C: channel groups of SeqNorm and GroupNorm."""
+    noise_std: float = 0.0
+    """Std of the Gaussian noise that NoisyBatchNorm adds before normalizing."""
+    sync_group_size: int = 0
+    """k: consecutive ranks that share BatchNorm statistics in mode syncbn; 0 = all ranks."""
+    stats_policy: str = "mean"
+    """Running-statistics policy of explicit ghost layers: mean (one EMA update per forward) or
+    sequential (one per ghost group, as BatchNorm under accumulation)."""
+    buffer_sync: str = "engine"
+    """Running statistics across ranks: engine (as the engine leaves them: DDP broadcasts rank 0's,
+    DeepSpeed lets ranks drift) or allreduce (mean over ranks after every step)."""
+    world_size: int = 1
+    """n_g: processes the launcher started (filled in from the launcher, not chosen)."""
+    nprocs: int = 0
+    """Processes the user expects; a launch with another world size is refused. 0 = don't check."""
+    epochs: int = 1
+    """Epochs over the training set."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    lr: float = 0.05
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    schedule: str = "constant"
+    """Learning-rate schedule: constant, onecycle (the papers' super-convergence shape), warmup_cosine."""
+    seed: int = 0
+    """Seed for weights, data order, augmentation and noise."""
+    dtype: str = "float32"
+    """Parameter and activation dtype: float32 or float64."""
+    augment: bool = False
+    """Flips, pad-and-crop and Cutout, seeded per (seed, epoch, sample) so every mode sees the same."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2."""
+    deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON config merged under ghostsys' own keys (conflicts are refused)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0 = at the end of each epoch)."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest deleted first)."""
+    out: str = ""
+    """Run directory; empty = runs/<name derived from the config>, so the same command resumes."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    collective_timeout: float = 300.0
+    """Seconds a collective may wait for a peer before the job fails (a dead rank never hangs the job)."""
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def resolved_norm(self) -> str:
+        """The norm layer actually used (the mode's default when --norm was not given)."""
+        return self.norm or ("ghost" if self.mode == "layer" else "batch")
+
+    @property
+    def sync_k(self) -> int:
+        """Consecutive ranks whose samples share statistics (1 unless syncbn)."""
+        if self.mode != "syncbn":
+            return 1
+        return self.sync_group_size or self.world_size
+
+    @property
+    def per_process_batch(self) -> int:
+        """M / n_g: samples each process sees per step."""
+        return self.batch_size // self.world_size
+
+    @property
+    def micro_batch(self) -> int:
+        """M / (n_g · n_fp): samples per forward pass."""
+        return self.batch_size // (self.world_size * self.nfp)
+
+    @property
+    def layer_groups(self) -> int:
+        """G_layer actually in effect (1 for layers without ghost groups)."""
+        return self.ghost_groups if self.resolved_norm in ("ghost", "seq") else 1
+
+    @property
+    def ghost_batch(self) -> int:
+        """Samples per ghost group: M / G_M."""
+        return self.batch_size // self.effective_gm
+
+    @property
+    def effective_gm(self) -> int:
+        """G_M = (n_g / k) · n_fp · G_layer."""
+        return (self.world_size // self.sync_k) * self.nfp * self.layer_groups
+
+    @property
+    def factorization(self) -> str:
+        """Human-readable G_M factorization, e.g. 'G_M=8 = n_g 2 x n_fp 2 x G_layer 2'."""
+        ng = f"(n_g {self.world_size} / k {self.sync_k})" if self.sync_k > 1 else f"n_g {self.world_size}"
+        return f"G_M={self.effective_gm} = {ng} x n_fp {self.nfp} x G_layer {self.layer_groups}"
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError naming the fix for any field or combination that cannot run; return self."""
+        choices = {"mode": MODES, "engine": ENGINES, "dataset": DATASETS, "schedule": SCHEDULES,
+                   "stats_policy": STATS_POLICIES, "buffer_sync": BUFFER_SYNCS, "dtype": DTYPES}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is unknown; choose one of {', '.join(valid)}")
+        if self.resolved_norm not in NORMS:
+            raise ConfigError(f"--norm {self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
+        for name in ("batch_size", "nfp", "ghost_groups", "channel_groups", "world_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.nprocs and self.nprocs != self.world_size:
+            raise ConfigError(
+                f"--nprocs {self.nprocs} was asked for but the launcher started {self.world_size} process(es). "
+                "On CPU, `accelerate launch --cpu --num_processes N` starts ONE process: use "
+                "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N ...`")
+        M, ng, nfp = self.batch_size, self.world_size, self.nfp
+        if M % ng:
+            raise ConfigError(f"--batch-size M={M} is not divisible by the {ng} launched processes; "
+                              f"use an M that is a multiple of {ng} (e.g. {M - M % ng or ng}) or launch one of {_divisors(M)} processes")
+        if (M // ng) % nfp:
+            raise ConfigError(f"--nfp {nfp} does not divide the per-process batch M/n_g = {M // ng}; "
+                              f"valid --nfp: {_divisors(M // ng)}")
+        norm = self.resolved_norm
+        if self.mode == "layer" and norm not in ("ghost", "seq"):
+            raise ConfigError(f"--mode layer needs an explicit ghost layer: --norm ghost or seq (got --norm {norm})")
+        if self.ghost_groups > 1 and norm not in ("ghost", "seq"):
+            raise ConfigError(f"--ghost-groups {self.ghost_groups} only applies to --norm ghost or seq (got --norm {norm})")
+        if self.micro_batch % self.layer_groups:
+            raise ConfigError(f"--ghost-groups {self.ghost_groups} does not divide the micro-batch M/(n_g n_fp) = {self.micro_batch}; "
+                              f"valid --ghost-groups: {_divisors(self.micro_batch)}")
+        if self.model in _FEATURE_MODELS and norm in ("batch", "ghost", "seq", "noisy") and self.ghost_batch == 1:
+            raise ConfigError(f"a ghost batch of M/G_M = 1 sample on {self.model}'s (M, C) features normalizes a single "
+                              f"value per slice (undefined); use G_M <= {M // 2} (the papers use >= 4 samples per ghost batch)")
+        if self.mode == "syncbn":
+            if norm != "batch":
+                raise ConfigError(f"--mode syncbn syncs BatchNorm statistics; it cannot be combined with --norm {norm} (use --norm batch)")
+            k = self.sync_group_size or ng
+            if ng % k:
+                raise ConfigError(f"--sync-group-size {k} does not divide the {ng} launched processes; valid: {_divisors(ng)}")
+        elif self.sync_group_size:
+            raise ConfigError("--sync-group-size only applies to --mode syncbn")
+        if norm == "noisy" and self.noise_std <= 0:
+            raise ConfigError("--norm noisy needs --noise-std > 0 (the papers tune 3e-5 ... 0.1; best 3e-4)")
+        if norm in ("seq", "group") and self.channel_groups < 1:
+            raise ConfigError("--channel-groups must be >= 1")
+        if self.engine == "deepspeed" and self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"--zero-stage {self.zero_stage}: ghostsys supports DeepSpeed ZeRO stages 0, 1, 2")
+        if self.engine != "deepspeed" and (self.zero_stage or self.deepspeed_config):
+            raise ConfigError("--zero-stage/--deepspeed-config need --engine deepspeed")
+        if self.buffer_sync == "allreduce" and self.mode == "syncbn":
+            warnings.warn("--buffer-sync allreduce with syncbn: synced ranks already hold equal buffers", stacklevel=2)
+        return self
+
+    def mode_warnings(self) -> list[str]:
+        """Legal but probably unintended combinations, said once at start."""
+        out = []
+        if self.mode == "syncbn" and self.world_size == 1:
+            out.append("--mode syncbn on one process is plain BatchNorm (G_M = n_fp x G_layer)")
+        if self.mode == "unsynced" and self.world_size == 1:
+            out.append("--mode unsynced on one process: BatchNorm over each micro-batch (G_M = n_fp)")
+        if self.mode == "accumulate" and self.nfp == 1:
+            out.append("--mode accumulate with --nfp 1 is plain BatchNorm over the whole per-process batch")
+        if self.resolved_norm in ("ghost", "seq", "batch", "noisy") and self.ghost_batch < 4:
+            out.append(f"ghost batch M/G_M = {self.ghost_batch} < 4 samples: the papers never go below 4 "
+                       "(2 collapses (M, C) activations to +-1)")
+        return out
+
+    # --- identity and persistence ------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the results (everything but output place and verbosity)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _NON_IDENTITY}
+
+    def run_name(self) -> str:
+        """A readable, deterministic directory name: the same experiment gets the same name."""
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return (f"{self.mode}-{self.engine}-{self.model.replace(':', '_')}-{self.resolved_norm}-{self.dataset}"
+                f"-M{self.batch_size}-gm{self.effective_gm}-ng{self.world_size}-nfp{self.nfp}-s{self.seed}-{digest}")
+
+    def run_dir(self) -> Path:
+        """Where this run's results go."""
+        return Path(self.out) if self.out else Path("runs") / self.run_name()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields (no derived values)."""
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> dict[str, Any]:
+        """Fields plus the derived factorization: what config.json holds."""
+        d = self.to_dict()
+        d.update(norm=self.resolved_norm, effective_gm=self.effective_gm, micro_batch=self.micro_batch,
+                 ghost_batch=self.ghost_batch, sync_k=self.sync_k, layer_groups=self.layer_groups,
+                 factorization=self.factorization)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build from a dict (e.g. config.json), ignoring derived keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def pretty(self) -> str:
+        """Multi-line summary printed at start."""
+        lines = [f"ghostsys run: mode={self.mode} engine={self.engine} norm={self.resolved_norm} model={self.model} "
+                 f"dataset={self.dataset}",
+                 f"  M={self.batch_size} micro={self.micro_batch} ghost batch={self.ghost_batch}  {self.factorization}"]
+        rest = {k: v for k, v in self.to_dict().items()
+                if k not in ("mode", "engine", "norm", "model", "dataset", "batch_size")}
+        lines.append("  " + " ".join(f"{k}={v}" for k, v in rest.items()))
+        return "\n".join(lines)
+
+
+def field_docs(cls: type | None = None) -> dict[str, str]:
+    """Each field's docstring (the attribute string below it) of a config dataclass, for --help texts."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls or RunConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = " ".join(str(node.value.value).split())  # type: ignore[union-attr]
+    return docs

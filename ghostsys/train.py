@@ -1,0 +1,284 @@
+"""The one training loop every mode and engine runs through."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghostsys import dist
+from ghostsys.checkpoint import Checkpointer
+from ghostsys.config import ConfigError, RunConfig
+from ghostsys.data import BatchOrder, augment, fetch, load_dataset
+from ghostsys.engines import Engine, make_engine
+from ghostsys.models import build_model
+from ghostsys.modes import MODES, norm_factory
+from ghostsys.results import RunDir, environment
+from ghostsys.schedules import make_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message names what to change."""
+
+
+@dataclass
+class Setup:
+    """Everything built before the first step, shared by training and the equivalence checker."""
+
+    cfg: RunConfig
+    info: dist.DistInfo
+    engine: Engine
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder
+    train_set: Any
+    val_set: Any
+    meta: dict
+    dtype: torch.dtype = torch.float32
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+
+def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
+    """Fill in the launched world size and validate; raises ConfigError naming the fix."""
+    return cfg.replace(world_size=info.world_size).validate()
+
+
+def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
+    """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine."""
+    dtype = getattr(torch, cfg.dtype)
+    train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
+    order = BatchOrder(len(train_set.y) if hasattr(train_set, "y") else len(train_set), cfg.batch_size, cfg.seed)
+    if order.steps_per_epoch < 1:
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples; lower it")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]),
+                        norm=norm_factory(cfg))
+    model = MODES[cfg.mode].wrap(model, cfg).to(device=info.device, dtype=dtype)
+    total = order.steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = make_schedule(cfg.schedule, optimizer, total_steps=total, steps_per_epoch=order.steps_per_epoch)
+    engine = make_engine(cfg.engine, model, optimizer, scheduler, nfp=cfg.nfp, micro_batch=cfg.micro_batch,
+                         world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=_load_ds_config(cfg))
+    return Setup(cfg, info, engine, optimizer, order, train_set, val_set, meta, dtype, order.steps_per_epoch, total)
+
+
+def _load_ds_config(cfg: RunConfig) -> dict | None:
+    if not cfg.deepspeed_config:
+        return None
+    import json
+    from pathlib import Path
+
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed-config {path} does not exist; pass a DeepSpeed JSON file or drop the flag")
+    return json.loads(path.read_text())
+
+
+def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's n_fp micro-batches for a global step: contiguous blocks of the seeded global batch."""
+    cfg, info = s.cfg, s.info
+    epoch = step // s.steps_per_epoch
+    out = []
+    for idx in s.order.local_micro_batches(step, info.rank, info.world_size, cfg.nfp):
+        x, y = fetch(s.train_set, idx)
+        if cfg.augment:
+            x = augment(x, idx, epoch, cfg.seed)
+        out.append((x.to(info.device, s.dtype), y.to(info.device)))
+    return out
+
+
+def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               on_logits: Callable[[torch.Tensor], None] | None = None,
+               before_update: Callable[[], None] | None = None) -> torch.Tensor:
+    """One optimizer step over n_fp micro-batches; returns the global (loss sum, correct, count).
+
+    The equivalence checker passes its own `batches` (e.g. a deliberately wrong order) and observes
+    each micro-batch's logits and the gradients just before the update.
+    """
+    engine = s.engine
+    batches = micro_batches(s, step) if batches is None else batches
+    stats = torch.zeros(3, dtype=torch.float64, device=s.info.device)
+    for i, (x, y) in enumerate(batches):
+        with engine.micro_context(is_last=i == len(batches) - 1):
+            logits = engine.model(x)
+            loss = F.cross_entropy(logits, y)
+            engine.backward(loss)
+        if on_logits is not None:
+            on_logits(logits.detach())
+        stats += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                              torch.tensor(float(len(y)), device=stats.device, dtype=torch.float64)])
+    if before_update is not None:
+        before_update()
+    engine.step()
+    if s.cfg.buffer_sync == "allreduce":
+        dist.all_reduce_buffers_mean_(engine.unwrapped)
+    return dist.all_reduce_sum_(stats)
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> dict[str, float]:
+    """Loss and accuracy on the validation set, sharded over ranks, with ONE set of buffers.
+
+    Under ``buffer_sync=engine`` ranks may hold different running statistics (DeepSpeed never
+    syncs them; DDP overwrites them only at the next forward), so rank 0's are broadcast for the
+    evaluation and each rank's own are put back afterwards; under ``allreduce`` all ranks agree.
+    """
+    model, info = s.engine.unwrapped, s.info
+    own = [b.detach().clone() for b in model.buffers()]
+    if info.world_size > 1 and s.cfg.buffer_sync == "engine":
+        dist.broadcast_buffers_(model, src=0)
+    was_training = model.training
+    model.eval()
+    n = len(s.val_set.y) if hasattr(s.val_set, "y") else len(s.val_set)
+    lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
+    stats = torch.zeros(3, dtype=torch.float64, device=info.device)
+    for start in range(lo, hi, 512):
+        idx = torch.arange(start, min(start + 512, hi))
+        x, y = fetch(s.val_set, idx)
+        x, y = x.to(info.device, s.dtype), y.to(info.device)
+        logits = model(x)
+        stats += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                              (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=info.device, dtype=torch.float64)])
+    dist.all_reduce_sum_(stats)
+    for b, keep in zip(model.buffers(), own):
+        b.copy_(keep)
+    model.train(was_training)
+    loss_sum, correct, count = stats.tolist()
+    return {"eval_loss": loss_sum / count, "eval_acc": correct / count, "eval_samples": int(count),
+            "eval_buffers": "rank0" if s.cfg.buffer_sync == "engine" else "allreduce-mean"}
+
+
+@dataclass
+class _Timer:
+    """Step times with the device synchronized; warm-up steps are excluded from the figures."""
+
+    device: torch.device
+    warmup: int = 2
+    times: list[float] = field(default_factory=list)
+    _t0: float = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self.times.append(dt)
+        return dt
+
+    def summary(self, batch: int) -> dict[str, float]:
+        t = sorted(self.times[self.warmup:] or self.times)
+        if not t:
+            return {}
+        med, p90 = t[len(t) // 2], t[min(len(t) - 1, math.ceil(0.9 * len(t)) - 1)]
+        return {"step_time_median_s": med, "step_time_p90_s": p90, "samples_per_s": batch / med,
+                "timed_steps": len(t)}
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary row (on every rank)."""
+    info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
+    try:
+        cfg = resolve(cfg, info)
+        return _train(cfg, info)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: RunConfig, info: dist.DistInfo) -> dict[str, Any]:
+    run = RunDir(cfg.run_dir()) if info.is_main else None
+    if info.is_main:
+        print(cfg.pretty(), flush=True)
+        for w in cfg.mode_warnings():
+            print(f"warning: {w}", flush=True)
+        _claim_run_dir(run, cfg)
+    dist.barrier()
+    done = cfg.run_dir() / "summary.json"
+    if done.exists():  # the same command again after it finished: report, don't retrain
+        import json
+
+        summary = json.loads(done.read_text())
+        if info.is_main:
+            print(f"already complete: {cfg.run_dir()} (pass another --out to train again)", flush=True)
+        return summary
+    s = build(cfg, info)
+    ckpt = Checkpointer(cfg.run_dir() / "checkpoints", info, keep=cfg.keep_checkpoints)
+    start = ckpt.resume(s.engine)
+    if info.is_main:
+        if start:
+            print(f"resuming from the checkpoint at step {start}", flush=True)
+            run.truncate_metrics_after(start)
+        run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
+    summary = _loop(s, run, ckpt, start)
+    if info.is_main:
+        run.write_summary(summary)
+        print(f"results: {cfg.run_dir()}  (eval acc {summary['eval_acc']:.3f}, {summary['factorization']})", flush=True)
+    return summary
+
+
+def _claim_run_dir(run: RunDir, cfg: RunConfig) -> None:
+    """Refuse a directory that holds a different experiment; write config.json for a new one."""
+    import json
+
+    existing = run.path / "config.json"
+    if existing.exists():
+        old = RunConfig.from_dict(json.loads(existing.read_text()))
+        if old.identity() != cfg.identity():
+            diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != old.identity().get(k))
+            raise ConfigError(f"{run.path} holds a run with a different configuration (differs in: {', '.join(diff)}); "
+                              "pass another --out or remove that directory")
+    run.write_config(cfg.resolved())
+
+
+def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    cfg, info = s.cfg, s.info
+    timer = _Timer(info.device)
+    bar = tqdm(total=s.total_steps, initial=start, disable=not (info.is_main and cfg.progress),
+               desc=f"{cfg.mode}/{cfg.engine} {cfg.factorization}", unit="step", dynamic_ncols=True)
+    last: dict[str, float] = {}
+    evaluation: dict[str, Any] = {}
+    wall0 = time.perf_counter()
+    for step in range(start, s.total_steps):
+        timer.start()
+        total = train_step(s, step)
+        dt = timer.stop()
+        loss_sum, correct, count = total.tolist()
+        last = {"step": step + 1, "epoch": step // s.steps_per_epoch, "train_loss": loss_sum / count,
+                "train_acc": correct / count, "lr": s.optimizer.param_groups[0]["lr"], "step_time_s": dt}
+        if not math.isfinite(last["train_loss"]):
+            raise TrainingError(f"the training loss became {last['train_loss']} at step {step + 1} "
+                                f"(lr {last['lr']:.4g}); lower --lr or check the data")
+        done = step + 1
+        at_epoch_end = done % s.steps_per_epoch == 0
+        if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) or done == s.total_steps:
+            evaluation = evaluate(s)
+            last |= {k: v for k, v in evaluation.items() if k != "eval_buffers"}
+        if run is not None:
+            run.append_metrics(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}))
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
+            ckpt.save(done, s.engine)
+    bar.close()
+    if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state
+        evaluation = evaluate(s)
+    return {
+        "status": "complete", "mode": cfg.mode, "engine": cfg.engine, "norm": cfg.resolved_norm, "model": cfg.model,
+        "dataset": cfg.dataset, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
+        "sync_k": cfg.sync_k, "effective_gm": cfg.effective_gm, "factorization": cfg.factorization,
+        "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "ghost_batch": cfg.ghost_batch,
+        "buffer_sync": cfg.buffer_sync, "steps": s.total_steps, "resumed_from": start,
+        "final_train_loss": last.get("train_loss", float("nan")), "final_train_acc": last.get("train_acc", float("nan")),
+        **evaluation, **timer.summary(cfg.batch_size), "wall_s": time.perf_counter() - wall0,
+    }

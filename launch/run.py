@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Train one ghostsys run.
+
+    accelerate launch launch/run.py --mode accumulate --nfp 8
+    torchrun --nproc_per_node 2 launch/run.py --mode unsynced --nfp 2 --nprocs 2
+    deepspeed --num_gpus 2 launch/run.py --engine deepspeed --mode unsynced --nprocs 2
+
+Parse -> config -> ghostsys.train.train -> results in --out (default runs/<name>).
+"""
+
+import sys
+
+from ghostsys.cli import build_parser, config_from_args, guarded
+from ghostsys.train import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the process exit code."""
+    cfg, _ = config_from_args(build_parser("launch/run.py", __doc__.split("\n\n")[0]), argv)
+    return guarded(lambda: train(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

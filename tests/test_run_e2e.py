@@ -1,0 +1,157 @@
+"""End-to-end: launch/run.py through the real launchers, on 1 and 2 CPU processes.
+
+The central property (DESIGN §2): with the same seed and G_M, the explicit layer, gradient
+accumulation, unsynced data parallel (both engines) and SyncBN over a rank subgroup see the same
+samples in the same ghost groups at every step and so reach the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._launch import ROOT, launcher_cmd, metrics, run, summary
+
+pytestmark = pytest.mark.dist
+
+# float64, 20 steps, M=64: the ghost groups are identical by construction, so runs differ only in the
+# order of floating-point sums (per-group reductions, DDP's gradient all-reduce, 1/n_fp scaling
+# before vs after summing). In float64 that is ~1e-16 relative per operation; 20 SGD steps with
+# momentum amplify it by at most a few orders of magnitude (observed ~1e-14). 1e-9 leaves headroom
+# while staying ~7 orders of magnitude below the negative control's difference (~1e-2).
+LOSS_RTOL = 1e-9
+COMMON = ["--batch-size", "64", "--max-steps", "20", "--dtype", "float64", "--no-progress", "--eval-every", "0"]
+
+
+def _curve(run_dir: Path) -> torch.Tensor:
+    return torch.tensor([m["train_loss"] for m in metrics(run_dir)], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Train every mechanism of G_M = 4 once (and BatchNorm G_M = 1 as the control)."""
+    base = tmp_path_factory.mktemp("same")
+    runs = {
+        # name: (launcher, nprocs, args)
+        "layer G4 (python, 1 proc)": ("python", 1, ["--mode", "layer", "--ghost-groups", "4"]),
+        "accumulate nfp4 (accelerate launch, 1 proc)": ("accelerate1", 1, ["--mode", "accumulate", "--nfp", "4"]),
+        "unsynced 2 x nfp2 (accelerate launch, 2 procs)": ("accelerate", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2"]),
+        "unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)": ("deepspeed", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2",
+                                                                             "--engine", "deepspeed", "--zero-stage", "1"]),
+        "syncbn k2 x nfp4 (torchrun, 2 procs)": ("torchrun", 2, ["--mode", "syncbn", "--nfp", "4", "--nprocs", "2"]),
+        "control: BatchNorm G_M=1": ("python", 1, ["--mode", "accumulate", "--nfp", "1"]),
+    }
+    out = {}
+    for i, (name, (launcher, n, args)) in enumerate(runs.items()):
+        d = base / f"run{i}"
+        if launcher == "accelerate1":  # the users' one-process command: plain `accelerate launch`
+            proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+                                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+                                   str(ROOT / "launch/run.py"), *COMMON, *args, "--out", str(d)],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        else:
+            run([*COMMON, *args, "--out", str(d)], launcher=launcher, nprocs=n)
+        out[name] = (_curve(d), summary(d))
+    out["_base"] = base
+    return out
+
+
+def test_every_mechanism_of_gm4_is_the_same_experiment(curves):
+    ref_name = "layer G4 (python, 1 proc)"
+    ref, ref_summary = curves[ref_name]
+    assert len(ref) == 20 and ref_summary["effective_gm"] == 4
+    for name, (curve, summ) in curves.items():
+        if name.startswith(("control", "_")):
+            continue
+        assert summ["effective_gm"] == 4, (name, summ["factorization"])
+        torch.testing.assert_close(curve, ref, rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{name} vs {ref_name}: {m}")
+
+
+def test_negative_control_batchnorm_differs(curves):
+    ref, _ = curves["layer G4 (python, 1 proc)"]
+    control, summ = curves["control: BatchNorm G_M=1"]
+    assert summ["effective_gm"] == 1
+    # From step 1 on the weights differ, so the curves must part by far more than the tolerance.
+    rel = ((control - ref).abs().max() / ref.abs().max()).item()
+    assert rel > 1e4 * LOSS_RTOL, rel
+
+
+def test_summary_records_factorization_and_loads_into_one_dataframe(curves, tmp_path):
+    from ghostsys.results import load
+
+    _, summ = curves["unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
+    assert summ["world_size"] == 2 and summ["nfp"] == 2 and summ["engine"] == "deepspeed"
+    assert summ["factorization"] == "G_M=4 = n_g 2 x n_fp 2 x G_layer 1"
+    for key in ("final_train_loss", "eval_loss", "eval_acc", "steps", "samples_per_s", "eval_buffers"):
+        assert key in summ, key
+    df = load([curves["_base"]])  # the parent of all six run directories
+    assert len(df) == 6 and set(df["effective_gm"]) == {1, 4}
+    assert (df["status"] == "complete").all()
+
+
+def test_default_job_learns_above_chance(tmp_path):
+    """The embedded default: synthetic data a small CNN learns well above chance (10%) in one epoch."""
+    d = tmp_path / "default"
+    run(["--mode", "accumulate", "--nfp", "8", "--no-progress", "--out", str(d)])
+    s = summary(d)
+    assert s["effective_gm"] == 8 and s["steps"] == 16
+    assert s["eval_acc"] > 0.5, s["eval_acc"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["factorization"] == "G_M=8 = n_g 1 x n_fp 8 x G_layer 1"
+    env = json.loads((d / "env.json").read_text())
+    assert "torch" in json.dumps(env)
+
+
+def _kill_when(cmd: list[str], env: dict, metrics_file: Path, lines: int, timeout: float = 120) -> int:
+    """Start cmd, SIGKILL its whole process group once metrics_file has `lines` lines; return how many it had."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= lines:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return len(metrics_file.read_text().splitlines())
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("run never reached the kill point")
+
+
+@pytest.mark.parametrize("launcher,nprocs", [("python", 1), ("torchrun", 2)])
+def test_resume_after_kill9_ends_with_the_same_results(tmp_path, launcher, nprocs):
+    """kill -9 mid-run, same command again: resumes from the last checkpoint, same final metrics.
+
+    One CPU process: bit-identical (same ops in the same order after restoring weights, optimizer,
+    scheduler and RNG). Two processes: also bit-identical here (gloo all-reduce of two ranks is
+    deterministic), asserted at the same strictness.
+    """
+    args = ["--batch-size", "32", "--max-steps", "160", "--checkpoint-every", "10", "--no-progress",
+            "--norm", "noisy", "--noise-std", "0.01", "--eval-every", "40"] + (["--nprocs", "2", "--mode", "unsynced"] if nprocs > 1 else [])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*args, "--out", str(straight)], launcher=launcher, nprocs=nprocs)
+    cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / "launch/run.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    had = _kill_when(cmd + args + ["--out", str(resumed)], env, resumed / "metrics.jsonl", lines=25)
+    assert not (resumed / "summary.json").exists() and had < 160
+    proc = run([*args, "--out", str(resumed)], launcher=launcher, nprocs=nprocs)
+    assert "resuming from the checkpoint at step" in proc.stdout
+    keys = ("step", "train_loss", "train_acc", "lr", "eval_loss", "eval_acc")
+    a = [{k: m[k] for k in keys if k in m} for m in metrics(straight)]
+    b = [{k: m[k] for k in keys if k in m} for m in metrics(resumed)]
+    assert a == b  # every step's metrics, exactly; no duplicated or missing lines
+    sa, sb = summary(straight), summary(resumed)
+    assert sb["resumed_from"] > 0
+    for k in ("final_train_loss", "eval_loss", "eval_acc"):
+        assert sa[k] == sb[k], k

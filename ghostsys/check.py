@@ -47,8 +47,9 @@ class CheckConfig:
     """Optimizer steps k before weights and buffers are compared."""
     seed: int = 0
     """Seed for weights and data."""
-    dtype: str = "float64"
-    """float64 (tolerance 1e-10 relative) or float32 (summation-order tolerances)."""
+    dtype: str = "auto"
+    """float64 (tolerance 1e-10 relative), float32 (summation-order tolerances), or auto: float64, except
+    float32 under DeepSpeed (which cannot train float64)."""
     engine: str = "accelerate"
     """Engine under test: accelerate or deepspeed."""
     zero_stage: int = 0
@@ -352,11 +353,13 @@ def with_world(c: CheckConfig, world: int) -> CheckConfig:
         raise ConfigError(f"--engine {c.engine!r} is unknown; choose accelerate or deepspeed")
     if c.norm not in ("batch", "seq"):
         raise ConfigError(f"--norm {c.norm!r}: the checker covers batch (BatchNorm/GhostNorm) and seq (SeqNorm)")
+    if c.dtype == "auto":
+        c = replace(c, dtype="float32" if c.engine == "deepspeed" else "float64")
     if c.dtype not in ("float64", "float32"):
-        raise ConfigError(f"--dtype {c.dtype!r}: choose float64 or float32")
+        raise ConfigError(f"--dtype {c.dtype!r}: choose float64, float32 or auto")
     if c.target_gm < 2:
         raise ConfigError("--target-gm must be >= 2 (G_M = 1 is the negative control)")
-    return replace(c)
+    return c
 
 
 def check(c: CheckConfig) -> int:

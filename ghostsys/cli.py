@@ -18,6 +18,8 @@ def build_parser(prog: str, description: str, cls: type = RunConfig) -> argparse
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs(cls)
+    # The `deepspeed` launcher appends --local_rank=N; ghostsys.dist reads LOCAL_RANK from the env instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         if f.name in _NOT_FLAGS:
             continue

@@ -211,6 +211,9 @@ class RunConfig:
             raise ConfigError("--channel-groups must be >= 1")
         if self.engine == "deepspeed" and self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"--zero-stage {self.zero_stage}: ghostsys supports DeepSpeed ZeRO stages 0, 1, 2")
+        if self.engine == "deepspeed" and self.dtype == "float64":
+            raise ConfigError("--engine deepspeed trains float32 only (it cannot all-reduce float64 gradients and keeps "
+                              "float32 master weights); use --dtype float32, or --engine accelerate for float64")
         if self.engine != "deepspeed" and (self.zero_stage or self.deepspeed_config):
             raise ConfigError("--zero-stage/--deepspeed-config need --engine deepspeed")
         if self.buffer_sync == "allreduce" and self.mode == "syncbn":

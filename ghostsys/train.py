@@ -44,8 +44,11 @@ class Setup:
 
 
 def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
-    """Fill in the launched world size and validate; raises ConfigError naming the fix."""
-    return cfg.replace(world_size=info.world_size).validate()
+    """Fill in the launched world size and validate; raises ConfigError naming the fix.
+
+    A parent `accelerate launch --num_processes N` that started fewer processes counts as --nprocs N.
+    """
+    return cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
 
 
 def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.dist
 # momentum amplify it by at most a few orders of magnitude (observed ~1e-14). 1e-9 leaves headroom
 # while staying ~7 orders of magnitude below the negative control's difference (~1e-2).
 LOSS_RTOL = 1e-9
+# float32 (DeepSpeed): unit roundoff 6e-8; per-step reductions differ in order (DeepSpeed's bucketed
+# all-reduce vs one process), and 20 momentum-SGD steps amplify it; measured F32_MEASURED below.
+F32_LOSS_RTOL = 1e-4
 COMMON = ["--batch-size", "64", "--max-steps", "20", "--dtype", "float64", "--no-progress", "--eval-every", "0"]
 
 
@@ -44,8 +47,11 @@ def curves(tmp_path_factory) -> dict[str, tuple[torch.Tensor, dict]]:
         "layer G4 (python, 1 proc)": ("python", 1, ["--mode", "layer", "--ghost-groups", "4"]),
         "accumulate nfp4 (accelerate launch, 1 proc)": ("accelerate1", 1, ["--mode", "accumulate", "--nfp", "4"]),
         "unsynced 2 x nfp2 (accelerate launch, 2 procs)": ("accelerate", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2"]),
-        "unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)": ("deepspeed", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2",
-                                                                             "--engine", "deepspeed", "--zero-stage", "1"]),
+        # DeepSpeed trains float32 only: it is compared with the float32 layer run below.
+        "f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)": ("deepspeed", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2",
+                                                                                 "--engine", "deepspeed", "--zero-stage", "1",
+                                                                                 "--dtype", "float32"]),
+        "f32 layer G4 (python, 1 proc)": ("python", 1, ["--mode", "layer", "--ghost-groups", "4", "--dtype", "float32"]),
         "syncbn k2 x nfp4 (torchrun, 2 procs)": ("torchrun", 2, ["--mode", "syncbn", "--nfp", "4", "--nprocs", "2"]),
         "control: BatchNorm G_M=1": ("python", 1, ["--mode", "accumulate", "--nfp", "1"]),
     }
@@ -71,10 +77,19 @@ def test_every_mechanism_of_gm4_is_the_same_experiment(curves):
     ref, ref_summary = curves[ref_name]
     assert len(ref) == 20 and ref_summary["effective_gm"] == 4
     for name, (curve, summ) in curves.items():
-        if name.startswith(("control", "_")):
+        if name.startswith(("control", "_", "f32")):
             continue
         assert summ["effective_gm"] == 4, (name, summ["factorization"])
         torch.testing.assert_close(curve, ref, rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{name} vs {ref_name}: {m}")
+
+
+def test_deepspeed_float32_matches_the_layer_in_float32(curves):
+    ds, summ = curves["f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
+    layer, _ = curves["f32 layer G4 (python, 1 proc)"]
+    assert summ["effective_gm"] == 4 and summ["engine"] == "deepspeed"
+    torch.testing.assert_close(ds, layer, rtol=F32_LOSS_RTOL, atol=0)
+    control, _ = curves["control: BatchNorm G_M=1"]
+    assert ((control - layer).abs().max() / layer.abs().max()).item() > 10 * F32_LOSS_RTOL
 
 
 def test_negative_control_batchnorm_differs(curves):
@@ -89,13 +104,13 @@ def test_negative_control_batchnorm_differs(curves):
 def test_summary_records_factorization_and_loads_into_one_dataframe(curves, tmp_path):
     from ghostsys.results import load
 
-    _, summ = curves["unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
+    _, summ = curves["f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
     assert summ["world_size"] == 2 and summ["nfp"] == 2 and summ["engine"] == "deepspeed"
     assert summ["factorization"] == "G_M=4 = n_g 2 x n_fp 2 x G_layer 1"
     for key in ("final_train_loss", "eval_loss", "eval_acc", "steps", "samples_per_s", "eval_buffers"):
         assert key in summ, key
     df = load([curves["_base"]])  # the parent of all six run directories
-    assert len(df) == 6 and set(df["effective_gm"]) == {1, 4}
+    assert len(df) == 7 and set(df["effective_gm"]) == {1, 4}
     assert (df["status"] == "complete").all()
 
 

@@ -48,7 +48,15 @@ def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
 
     A parent `accelerate launch --num_processes N` that started fewer processes counts as --nprocs N.
     """
-    return cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
+    cfg = cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
+    if cfg.engine == "deepspeed":  # refuse a contradicting DeepSpeed JSON before anything is written
+        from ghostsys.engines import validate_ds_config
+
+        try:
+            validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage)
+        except ValueError as err:
+            raise ConfigError(f"{err}; fix --deepspeed-config {cfg.deepspeed_config} or drop the keys") from None
+    return cfg
 
 
 def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:

@@ -240,7 +240,8 @@ def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo) -> tuple[list
     groups = ref.ghost_group_indices(c.batch_size, info.world_size, v.nfp, v.g_layer, v.k)
     trace = _reference(c, cfg, s, groups)
     meta = dict(mode=v.mode, engine=c.engine, factorization=v.label(info.world_size))
-    pol = f"layer:{v.stats_policy}" if cfg.layer_groups > 1 else None
+    # One tag for every row of the variant: its layer policy (ghost layers only) and buffer handling.
+    pol = (f"stats {v.stats_policy}, " if cfg.layer_groups > 1 else "") + f"buffers {v.buffer_sync}"
     rows = [compare("logits", got.logits, trace.logits, c.dtype, policy=pol, **meta),
             compare("loss", got.loss, trace.loss, c.dtype, policy=pol, **meta)]
     if got.grads is not None:
@@ -249,7 +250,7 @@ def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo) -> tuple[list
     for rank, bufs in enumerate(got.buffers):
         expected, pname = _expected_buffers(trace, cfg, rank)
         rows.append(compare(f"buffers rank {rank}", bufs, expected, c.dtype, quantity="buffers", section="buffers",
-                            policy=f"{pname}; buffer-sync {v.buffer_sync}", **meta))
+                            policy=pol, note=f"expected: {pname}", **meta))
     return rows, got, trace
 
 

@@ -176,8 +176,7 @@ def observe(c: CheckConfig, s: Setup) -> Observed:
         batches = micro_batches(s, step)
         if c.inject == "interleaved":  # deliberately wrong: DistributedSampler's strided order
             idx = s.order.interleaved_micro_batches(step, s.info.rank, world, s.cfg.nfp)
-            batches = [(fetch(s.train_set, i)[0].to(s.info.device, s.dtype), fetch(s.train_set, i)[1].to(s.info.device))
-                       for i in idx]
+            batches = [(x.to(s.info.device, s.dtype), y.to(s.info.device)) for x, y in (fetch(s.train_set, i) for i in idx)]
         first = step == 0
         total = train_step(s, step, batches=batches, on_logits=parts.append if first else None,
                            before_update=keep_grads if first else None)

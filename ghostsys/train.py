@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ghostsys import dist
 from ghostsys.checkpoint import Checkpointer
@@ -63,7 +62,7 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine."""
     dtype = getattr(torch, cfg.dtype)
     train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
-    order = BatchOrder(len(train_set.y) if hasattr(train_set, "y") else len(train_set), cfg.batch_size, cfg.seed)
+    order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
     if order.steps_per_epoch < 1:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples; lower it")
     torch.manual_seed(cfg.seed)
@@ -146,7 +145,7 @@ def evaluate(s: Setup) -> dict[str, float]:
         dist.broadcast_buffers_(model, src=0)
     was_training = model.training
     model.eval()
-    n = len(s.val_set.y) if hasattr(s.val_set, "y") else len(s.val_set)
+    n = len(s.val_set)
     lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)
     for start in range(lo, hi, 512):

@@ -237,7 +237,9 @@ class RunConfig:
     # --- identity and persistence ------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """The fields that decide the results (everything but output place and verbosity)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NON_IDENTITY}
+        ident = {k: v for k, v in self.to_dict().items() if k not in _NON_IDENTITY}
+        ident["norm"] = self.resolved_norm  # --norm left to the mode's default is the same experiment as naming it
+        return ident
 
     def run_name(self) -> str:
         """A readable, deterministic directory name: the same experiment gets the same name."""

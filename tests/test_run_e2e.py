@@ -135,6 +135,8 @@ def test_default_job_learns_above_chance(tmp_path):
     assert cfg["factorization"] == "G_M=8 = n_g 1 x n_fp 8 x G_layer 1"
     env = json.loads((d / "env.json").read_text())
     assert "torch" in json.dumps(env)
+    again = run(["--mode", "accumulate", "--nfp", "8", "--no-progress", "--out", str(d)])  # the same command again
+    assert "already complete" in again.stdout and summary(d) == s
 
 
 def _kill_tree(pid: int) -> None:

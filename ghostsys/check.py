@@ -253,7 +253,7 @@ def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo) -> tuple[list
     return rows, got, trace
 
 
-def control_rows(c: CheckConfig, trace_target: ref.RefTrace, cfg: RunConfig, _: ref.RefTrace) -> list[Row]:
+def control_rows(c: CheckConfig, trace_target: ref.RefTrace, cfg: RunConfig) -> list[Row]:
     """Negative control: full BatchNorm (G_M = 1) against the target G_M; it must differ clearly."""
     full = _reference_from(c, cfg, trace_target, ref.ghost_group_indices(c.batch_size, 1, 1, 1))
     meta = dict(mode="control", engine="reference", factorization=f"G_M=1 vs G_M={c.target_gm}")
@@ -340,7 +340,7 @@ def run_checks(c: CheckConfig, info: dist.DistInfo, progress: Any = print) -> tu
         rows += vrows
         results.append(Result(v, run_config(c, v, info.world_size), got, trace))
     first = results[0]
-    rows += control_rows(c, first.trace, first.cfg, first.trace)
+    rows += control_rows(c, first.trace, first.cfg)
     rows += buffer_facts(c, results, info.world_size)
     timings = [{"variant": f"{r.variant.mode} {r.variant.label(info.world_size)} stats={r.variant.stats_policy} "
                            f"buffer-sync={r.variant.buffer_sync}", "seconds": round(r.got.seconds, 3)} for r in results]

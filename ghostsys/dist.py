@@ -114,6 +114,16 @@ def init(timeout_s: float = 120.0, device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, local, backend, dev)
 
 
+def init_single_process_group() -> None:
+    """A 1-rank group for a lone process that an engine (DeepSpeed) insists on, with no port or launcher.
+
+    An in-process store needs no env vars; DeepSpeed also asserts LOCAL_RANK is set, 0 for a lone process.
+    """
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+    os.environ["LOCAL_RANK"] = "0"
+
+
 def shutdown() -> None:
     """Destroy the default process group if there is one (safe to call twice)."""
     # Exiting with a live gloo group aborts a fraction of otherwise successful runs.

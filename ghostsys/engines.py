@@ -27,13 +27,14 @@ both engines adopt it.
 from __future__ import annotations
 
 import contextlib
-import os
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
+
+from ghostsys import dist as gdist
 
 __all__ = ["Engine", "AccelerateEngine", "DeepSpeedEngine", "ENGINES", "make_engine", "validate_ds_config"]
 
@@ -191,7 +192,7 @@ class DeepSpeedEngine(Engine):
             raise ValueError("DeepSpeed cannot train float64 parameters (ZeRO-0 cannot all-reduce float64 gradients; "
                              "ZeRO-1/2 update float32 master weights): use float32, or the accelerate engine")
         if world_size == 1 and not tdist.is_initialized():
-            _init_single_process_group()
+            gdist.init_single_process_group()  # DeepSpeed needs a process group even alone
         if tdist.get_world_size() != world_size:
             raise ValueError(f"process group has {tdist.get_world_size()} ranks, world_size={world_size}")
         import deepspeed
@@ -263,15 +264,6 @@ class DeepSpeedEngine(Engine):
             self.scheduler.load_state_dict(state["scheduler"])
         self.model.global_steps = state["counters"]["global_steps"]
         self.model.global_samples = state["counters"]["global_samples"]
-
-
-def _init_single_process_group() -> None:
-    # DeepSpeed needs a process group even alone. An in-process store needs no launcher env vars and no
-    # port; DeepSpeed also asserts LOCAL_RANK is set, which for a lone process is 0. (Belongs in
-    # ghostsys.dist once it offers a 1-rank group; nothing here reads launcher env vars.)
-    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=tdist.HashStore(),
-                             rank=0, world_size=1)
-    os.environ["LOCAL_RANK"] = "0"
 
 
 def _skip_cpu_shm_comm_build(deepspeed_module) -> None:

@@ -37,12 +37,25 @@ def launcher_cmd(launcher: str, nprocs: int, script: str) -> tuple[list[str], di
     raise ValueError(launcher)
 
 
+# A master port picked free can be taken (e.g. by another launch's gloo pair sockets) before the launcher
+# binds it. Only these rendezvous failures are retried, once, on a new port: a real bug fails twice.
+PORT_CLASH = ("Address already in use", "EADDRINUSE", "DistNetworkError", "address in use")
+
+
+def port_clash(log: str) -> bool:
+    """True when a launch failed because its rendezvous port was taken."""
+    return any(p in log for p in PORT_CLASH)
+
+
 def run(args: list[str], *, launcher: str = "python", nprocs: int = 1, script: str = "launch/run.py",
         timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a launch script under a launcher; raise with its output if it fails and check is set."""
-    cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / script))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):
+        cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / script))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+        proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or launcher == "python" or not port_clash(proc.stdout + proc.stderr):
+            break
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + list(args))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

@@ -24,7 +24,7 @@ from torch.testing import assert_close
 
 from ghostsys.engines import make_engine, validate_ds_config
 from tests import engine_worker as W
-from tests._launch import ROOT, launcher_cmd
+from tests._launch import ROOT, launcher_cmd, port_clash
 
 LAUNCH_TIMEOUT_S = 300  # generous: 2 shared CPU cores; a hung gloo rank is what this guards against
 
@@ -50,28 +50,38 @@ def launch_test(fn):
     return pytest.mark.dist(pytest.mark.slow(fn))
 
 
+def _start(name: str, tmp_path_factory) -> tuple[subprocess.Popen, str, Path]:
+    nprocs, engines = LAUNCHES[name]
+    out = tmp_path_factory.mktemp(name)
+    cmd, extra_env = launcher_cmd(name, nprocs, str(Path(W.__file__)))
+    cmd += ["--engine", *engines, "--out", str(out)]
+    # A fresh extensions dir: a DeepSpeed JIT op build (minutes) must not hide in a warm cache.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env,
+           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # own process group: a timeout kills the ranks too
+    return proc, " ".join(cmd), out
+
+
+def _finish(proc: subprocess.Popen, cmd: str, out: Path) -> tuple[int, str, Path]:
+    try:
+        log = proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0] + f"\n[killed after {LAUNCH_TIMEOUT_S} s]"
+    return proc.returncode, f"{cmd}\n{log[-8000:]}", out
+
+
 @pytest.fixture(scope="module")
 def all_launches(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
-    """Start every launch at once (their launcher start-ups are serial, so 2 cores overlap them); collect all."""
-    started = {}
-    for name, (nprocs, engines) in LAUNCHES.items():
-        out = tmp_path_factory.mktemp(name)
-        cmd, extra_env = launcher_cmd(name, nprocs, str(Path(W.__file__)))
-        cmd += ["--engine", *engines, "--out", str(out)]
-        # A fresh extensions dir: a DeepSpeed JIT op build (minutes) must not hide in a warm cache.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env,
-               "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_extensions"))}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # own process group: a timeout kills the ranks too
-        started[name] = (proc, " ".join(cmd), out)
-    done = {}
-    for name, (proc, cmd, out) in started.items():
-        try:
-            log = proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log = proc.communicate()[0] + f"\n[killed after {LAUNCH_TIMEOUT_S} s]"
-        done[name] = (proc.returncode, f"{cmd}\n{log[-8000:]}", out)
+    """Start every launch at once (their launcher start-ups are serial, so 2 cores overlap them); collect all.
+
+    Concurrent launches can race for a rendezvous port; such a launch (only) is rerun once, alone."""
+    started = {name: _start(name, tmp_path_factory) for name in LAUNCHES}
+    done = {name: _finish(*args) for name, args in started.items()}
+    for name, (rc, log, _) in list(done.items()):
+        if rc != 0 and port_clash(log):
+            done[name] = _finish(*_start(name, tmp_path_factory))
     return done
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ghostsys.norms import GhostBatchNorm, SeqNorm
+from ghostsys.nn.norms import GhostBatchNorm, SeqNorm
 
 __all__ = ["benchmark", "format_rows", "machine_info", "steady_allocator", "figure2_ghost_norm",
            "chunk_loop_batch_norm", "main"]

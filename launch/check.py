@@ -11,8 +11,8 @@ the negative control fails to differ.
 
 import sys
 
-from ghostsys.check import CheckConfig, check
-from ghostsys.cli import build_parser, config_from_args, guarded
+from ghostsys.check.checker import CheckConfig, check
+from ghostsys.run.cli import build_parser, config_from_args, guarded
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,13 @@
     torchrun --nproc_per_node 2 launch/run.py --mode unsynced --nfp 2 --nprocs 2
     deepspeed --num_gpus 2 launch/run.py --engine deepspeed --mode unsynced --nprocs 2
 
-Parse -> config -> ghostsys.train.train -> results in --out (default runs/<name>).
+Parse -> config -> ghostsys.run.train.train -> results in --out (default runs/<name>).
 """
 
 import sys
 
-from ghostsys.cli import build_parser, config_from_args, guarded
-from ghostsys.train import train
+from ghostsys.run.cli import build_parser, config_from_args, guarded
+from ghostsys.run.train import train
 
 
 def main(argv: list[str] | None = None) -> int:

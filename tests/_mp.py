@@ -3,7 +3,7 @@
 Usage::
 
     def _worker(rank: int, world_size: int, n: int) -> Tensor:  # module level: ranks import it by name
-        ...                                                     # ghostsys.dist.init() already ran
+        ...                                                     # ghostsys.run.dist.init() already ran
     results = run_ranks(_worker, 2, 10)                         # [rank 0's value, rank 1's value]
 
 Arguments and return values travel by pickle (tensors, dicts, lists; not process groups).
@@ -55,7 +55,7 @@ def _entry(
     )
     # N ranks share a couple of cores: intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
-    from ghostsys import dist as gdist
+    from ghostsys.run import dist as gdist
 
     if init:
         gdist.init(timeout_s=collective_timeout_s, device="cpu")
@@ -71,7 +71,7 @@ def _use_forkserver() -> None:
     # forkserver: one fresh process imports torch once (seconds on a small CPU box) and every rank
     # of every later call forks from it. Plain fork is unsafe after the test process has used
     # OpenMP; spawn would pay the torch import again for every rank.
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "ghostsys.dist", "ghostsys.syncbn"])
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "ghostsys.run.dist", "ghostsys.nn.syncbn"])
 
 
 def run_ranks(
@@ -85,7 +85,7 @@ def run_ranks(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
 
-    With ``init=True`` each rank calls ``ghostsys.dist.init(collective_timeout_s, device="cpu")``
+    With ``init=True`` each rank calls ``ghostsys.run.dist.init(collective_timeout_s, device="cpu")``
     before ``fn`` and ``shutdown()`` after; with ``init=False`` only the launcher env vars
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, plus ``env``) are set.
     """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ghostsys.train as train_mod  # noqa: E402
+import ghostsys.run.train as train_mod  # noqa: E402
 from launch.run import main  # noqa: E402
 
 _real_step = train_mod.train_step

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ghostsys import dist
-from ghostsys.engines import ENGINES, Engine, make_engine
+from ghostsys.run import dist
+from ghostsys.run.engines import ENGINES, Engine, make_engine
 
 M, D_IN, HIDDEN, D_OUT = 16, 8, 16, 4
 STEPS, LR, MOMENTUM, WD, GAMMA = 3, 0.1, 0.9, 0.01, 0.5

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ghostsys.cli import build_parser, config_from_args
-from ghostsys.config import ConfigError, RunConfig, field_docs
+from ghostsys.run.cli import build_parser, config_from_args
+from ghostsys.run.config import ConfigError, RunConfig, field_docs
 
 
 def test_factorization_arithmetic():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ghostsys.data import BatchOrder, augment, fetch, load_dataset, synthetic
-from ghostsys.datasets import read_idx, stratified_split
+from ghostsys.run.data import BatchOrder, augment, fetch, load_dataset, synthetic
+from ghostsys.run.datasets import read_idx, stratified_split
 
 
 # --- synthetic ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""ghostsys.dist: launcher env parsing, (sum, count) reductions, subgroups, buffer policies, dead peers.
+"""ghostsys.run.dist: launcher env parsing, (sum, count) reductions, subgroups, buffer policies, dead peers.
 
 Reductions here add a handful of small integers or dyadic values that float64 represents exactly,
 so the expected values are compared with zero tolerance unless a division says otherwise.
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from ghostsys import dist as gdist
+from ghostsys.run import dist as gdist
 from tests._mp import run_ranks
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ghostsys.engines import make_engine, validate_ds_config
+from ghostsys.run.engines import make_engine, validate_ds_config
 from tests import engine_worker as W
 from tests._launch import ROOT, launcher_cmd, port_clash
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ghostsys.models import build_model, wide_resnet
+from ghostsys.nn.models import build_model, wide_resnet
 
 
 def bn(c: int, d: int) -> nn.Module:
@@ -62,7 +62,7 @@ def test_resnet56_size_and_forward():
 
 
 def test_resnet_depths_and_option_b():
-    from ghostsys.models import resnet56
+    from ghostsys.nn.models import resnet56
 
     r20 = build_model("resnet20", num_classes=10, in_shape=(3, 32, 32), norm=bn)
     assert n_params(r20) == 269_722  # the 0.27M of He et al.
@@ -108,9 +108,9 @@ def test_unknown_model_lists_choices():
 
 @pytest.mark.filterwarnings("ignore:torchvision's C\\+\\+ extension")
 def test_torchvision_resnet18_with_all_norms_swapped():
-    norms = pytest.importorskip("ghostsys.norms")
+    norms = pytest.importorskip("ghostsys.nn.norms")
     if not hasattr(norms, "replace_batchnorm"):
-        pytest.skip("ghostsys.norms.replace_batchnorm not written yet")
+        pytest.skip("ghostsys.nn.norms.replace_batchnorm not written yet")
     rec = Recorder()
     model = build_model("tv:resnet18", num_classes=10, in_shape=(3, 32, 32), norm=rec)
     found = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -1,4 +1,4 @@
-"""ghostsys.norms against independent references: the papers' Figure 2 / A1 GhostNorm function
+"""ghostsys.nn.norms against independent references: the papers' Figure 2 / A1 GhostNorm function
 (generalized to any rank), nn.BatchNorm, F.group_norm, the papers' worked example (section 2.2) and
 hand-computed running-statistics policies.
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghostsys import _ghost_kernels
-from ghostsys.norms import GhostBatchNorm, NoisyBatchNorm, SeqNorm, convert, make_norm, replace_batchnorm
+from ghostsys.nn import _ghost_kernels
+from ghostsys.nn.norms import GhostBatchNorm, NoisyBatchNorm, SeqNorm, convert, make_norm, replace_batchnorm
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=5e-5, atol=5e-5)}
 EXACT = dict(rtol=0.0, atol=0.0)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghostsys import reference as R
-from ghostsys.report import compare
+from ghostsys.check import reference as R
+from ghostsys.check.report import compare
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)  # float64: only summation order differs (see module docstring)
 
@@ -145,7 +145,7 @@ def test_groupnorm_and_eval_mode_match_torch():
 @pytest.mark.parametrize("kind, policy", [("ghost", "mean"), ("ghost", "sequential"), ("seq", "mean"), ("seq", "sequential")])
 def test_reference_matches_ghostsys_layers(kind, policy):
     # Cross-check with the layers under test (norms.py): outputs, grads, and buffers under the named policy.
-    norms = pytest.importorskip("ghostsys.norms")
+    norms = pytest.importorskip("ghostsys.nn.norms")
     torch.manual_seed(0)
     kw = dict(channel_groups=2) if kind == "seq" else {}
     layer = norms.make_norm(kind, 4, ghost_groups=4, stats_policy=policy, **kw).double()
@@ -179,7 +179,7 @@ def test_reference_calls_no_torch_norm_or_optimizer(monkeypatch):
     tree = ast.parse(open(R.__file__).read())
     mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {m for m in mods if m.startswith("ghostsys")} == {"ghostsys.report"}
+    assert {m for m in mods if m.startswith("ghostsys")} == {"ghostsys.check.report"}
     assert not any(m.startswith("torch.optim") or m == "torch.nn.functional" for m in mods), mods
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ghostsys.report import (TOLERANCES, Row, compare, exit_code, markdown_table, summary, tolerance,
+from ghostsys.check.report import (TOLERANCES, Row, compare, exit_code, markdown_table, summary, tolerance,
                              tolerance_table, write_rows)
 
 

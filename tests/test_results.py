@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from ghostsys import results
-from ghostsys.results import RunDir, environment, load, load_metrics
+from ghostsys.run import rundir as results
+from ghostsys.run.rundir import RunDir, environment
+from ghostsys.study.results import load, load_metrics
 
 
 def test_summary_is_written_atomically(tmp_path, monkeypatch):

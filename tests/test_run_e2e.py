@@ -112,7 +112,7 @@ def test_negative_control_batchnorm_differs(curves):
 
 
 def test_summary_records_factorization_and_loads_into_one_dataframe(curves, tmp_path):
-    from ghostsys.results import load
+    from ghostsys.study.results import load
 
     _, summ = curves["f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
     assert summ["world_size"] == 2 and summ["nfp"] == 2 and summ["engine"] == "deepspeed"

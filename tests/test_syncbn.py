@@ -26,8 +26,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from tests._mp import run_ranks
-from ghostsys import dist as gdist
-from ghostsys.syncbn import SyncBatchNorm, convert_sync
+from ghostsys.run import dist as gdist
+from ghostsys.nn.syncbn import SyncBatchNorm, convert_sync
 
 C = 3
 STEPS = 2  # two updates, so running stats check the momentum / cumulative-average recursion

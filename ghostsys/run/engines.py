@@ -17,10 +17,10 @@ and the step's gradient is the mean over the whole global batch M = micro_batch 
   It wants ``engine.step()`` after every micro-batch and updates only at the accumulation boundary, so
   ``backward`` takes the inner steps and ``step`` asserts it lands on the boundary. DeepSpeed never syncs
   buffers (running statistics drift per rank; ``broadcast_buffers`` has no effect there): use
-  ``ghostsys.dist.all_reduce_buffers_mean_`` where the buffer policy asks for agreement.
+  ``ghostsys.run.dist.all_reduce_buffers_mean_`` where the buffer policy asks for agreement.
 
 Neither adapter reads launcher environment variables: world size comes in as an argument and the
-default process group, when world > 1, is already initialized by the caller (``ghostsys.dist.init``);
+default process group, when world > 1, is already initialized by the caller (``ghostsys.run.dist.init``);
 both engines adopt it.
 """
 
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from ghostsys import dist as gdist
+from ghostsys.run import dist as gdist
 
 __all__ = ["Engine", "AccelerateEngine", "DeepSpeedEngine", "ENGINES", "make_engine", "validate_ds_config"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from ghostsys._ghost_kernels import IMPLS, Collect, Sequential, ghost_batch_norm
+from ghostsys.nn._ghost_kernels import IMPLS, Collect, Sequential, ghost_batch_norm
 
 __all__ = ["GhostBatchNorm", "SeqNorm", "NoisyBatchNorm", "make_norm", "replace_batchnorm", "convert",
            "STATS_POLICIES", "NORM_KINDS"]

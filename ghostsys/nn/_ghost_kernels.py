@@ -1,4 +1,4 @@
-"""Training-mode ghost batch normalization kernels behind ``ghostsys.norms`` (private).
+"""Training-mode ghost batch normalization kernels behind ``ghostsys.nn.norms`` (private).
 
 Two interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
 own statistics, then apply one per-channel affine" (timings: 128x64x32x32 float32, one core of a

@@ -195,7 +195,7 @@ def tensor_splits(
 def image_folders(root: str | Path, image_size: int) -> tuple[Any, Any]:
     """Lazy train / val ImageFolders under `<root>` (or `<root>/imagenet`), deterministic resize + center crop.
 
-    Random augmentation is left to `ghostsys.data.augment` so that it stays mode-independent.
+    Random augmentation is left to `ghostsys.run.data.augment` so that it stays mode-independent.
     Validation uses the train folder's class indices, so a class missing from val cannot shift them.
     """
     from ghostsys._compat import import_torchvision

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ghostsys.datasets import (
+from ghostsys.run.datasets import (
     InMemoryDataset,
     channel_stats,
     fetch,

@@ -5,24 +5,47 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ghostsys import dist
-from ghostsys.checkpoint import Checkpointer
-from ghostsys.config import ConfigError, RunConfig
-from ghostsys.data import BatchOrder, augment, fetch, load_dataset
-from ghostsys.engines import Engine, make_engine
-from ghostsys.models import build_model
-from ghostsys.modes import MODES, norm_factory
-from ghostsys.results import RunDir, environment
-from ghostsys.schedules import make_schedule
+from ghostsys.run import dist
+from ghostsys.run.checkpoint import Checkpointer
+from ghostsys.run.config import ConfigError, RunConfig
+from ghostsys.run.data import BatchOrder, augment, fetch, load_dataset
+from ghostsys.run.engines import Engine, make_engine
+from ghostsys.nn.models import build_model
+from ghostsys.run.modes import MODES, norm_factory
+from ghostsys.run.rundir import RunDir, environment
+from ghostsys.run.schedules import make_schedule
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message names what to change."""
+
+
+class Callback:
+    """Instruments the loop from above (profiler samplers, the loss-landscape probe): every hook is optional.
+
+    The loop never imports an upper wing (DESIGN §4); upper wings subclass this and pass instances
+    to :func:`train`. Hooks run on every rank, in the order the callbacks were given.
+    """
+
+    def on_train_start(self, s: "Setup", start_step: int) -> None:
+        """After the model, engine and checkpoint are ready, before the first (or resumed) step."""
+
+    def on_step_start(self, s: "Setup", step: int) -> None:
+        """Before the step's first forward (`step` counts from 0)."""
+
+    def before_update(self, s: "Setup", step: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
+        """After the step's backward passes, before the optimizer update; a returned dict joins the step's metrics."""
+
+    def on_step_end(self, s: "Setup", step: int, record: dict[str, Any]) -> None:
+        """After the update (and any evaluation); `record` is the metrics line about to be written (may be extended)."""
+
+    def on_train_end(self, s: "Setup", summary: dict[str, Any]) -> None:
+        """After the last step; `summary` is the summary row about to be written (may be extended)."""
 
 
 @dataclass
@@ -49,7 +72,7 @@ def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
     """
     cfg = cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
     if cfg.engine == "deepspeed":  # refuse a contradicting DeepSpeed JSON before anything is written
-        from ghostsys.engines import validate_ds_config
+        from ghostsys.run.engines import validate_ds_config
 
         try:
             validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage)
@@ -105,11 +128,11 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
 
 def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                on_logits: Callable[[torch.Tensor], None] | None = None,
-               before_update: Callable[[], None] | None = None) -> torch.Tensor:
+               before_update: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None] | None = None) -> torch.Tensor:
     """One optimizer step over n_fp micro-batches; returns the global (loss sum, correct, count).
 
     The equivalence checker passes its own `batches` (e.g. a deliberately wrong order) and observes
-    each micro-batch's logits and the gradients just before the update.
+    each micro-batch's logits; `before_update(batches)` sees the gradients just before the update.
     """
     engine = s.engine
     batches = micro_batches(s, step) if batches is None else batches
@@ -124,7 +147,7 @@ def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.T
         stats += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                               torch.tensor(float(len(y)), device=stats.device, dtype=torch.float64)])
     if before_update is not None:
-        before_update()
+        before_update(batches)
     engine.step()
     if s.cfg.buffer_sync == "allreduce":
         dist.all_reduce_buffers_mean_(engine.unwrapped)
@@ -194,17 +217,17 @@ class _Timer:
                 "timed_steps": len(t)}
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary row (on every rank)."""
     info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
     try:
         cfg = resolve(cfg, info)
-        return _train(cfg, info)
+        return _train(cfg, info, tuple(callbacks))
     finally:
         dist.shutdown()
 
 
-def _train(cfg: RunConfig, info: dist.DistInfo) -> dict[str, Any]:
+def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
     run = RunDir(cfg.run_dir()) if info.is_main else None
     if info.is_main:
         print(cfg.pretty(), flush=True)
@@ -228,7 +251,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo) -> dict[str, Any]:
             print(f"resuming from the checkpoint at step {start}", flush=True)
             run.truncate_metrics_after(start)
         run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
-    summary = _loop(s, run, ckpt, start)
+    summary = _loop(s, run, ckpt, start, callbacks)
     if info.is_main:
         run.write_summary(summary)
         print(f"results: {cfg.run_dir()}  (eval acc {summary['eval_acc']:.3f}, {summary['factorization']})", flush=True)
@@ -249,7 +272,8 @@ def _claim_run_dir(run: RunDir, cfg: RunConfig) -> None:
     run.write_config(cfg.resolved())
 
 
-def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[str, Any]:
+def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
+          callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, info = s.cfg, s.info
@@ -259,13 +283,23 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[
     last: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     wall0 = time.perf_counter()
+    for cb in callbacks:
+        cb.on_train_start(s, start)
     for step in range(start, s.total_steps):
+        extra: dict[str, Any] = {}
+
+        def hook(batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = step) -> None:
+            for cb in callbacks:
+                extra.update(cb.before_update(s, step, batches) or {})
+
+        for cb in callbacks:
+            cb.on_step_start(s, step)
         timer.start()
-        total = train_step(s, step)
+        total = train_step(s, step, before_update=hook if callbacks else None)
         dt = timer.stop()
         loss_sum, correct, count = total.tolist()
         last = {"step": step + 1, "epoch": step // s.steps_per_epoch, "train_loss": loss_sum / count,
-                "train_acc": correct / count, "lr": s.optimizer.param_groups[0]["lr"], "step_time_s": dt}
+                "train_acc": correct / count, "lr": s.optimizer.param_groups[0]["lr"], "step_time_s": dt, **extra}
         if not math.isfinite(last["train_loss"]):
             raise TrainingError(f"the training loss became {last['train_loss']} at step {step + 1} "
                                 f"(lr {last['lr']:.4g}); lower --lr or check the data")
@@ -274,6 +308,8 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[
         if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) or done == s.total_steps:
             evaluation = evaluate(s)
             last |= {k: v for k, v in evaluation.items() if k != "eval_buffers"}
+        for cb in callbacks:
+            cb.on_step_end(s, step, last)
         if run is not None:
             run.append_metrics(last)
         bar.update(1)
@@ -283,7 +319,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[
     bar.close()
     if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state
         evaluation = evaluate(s)
-    return {
+    summary = {
         "status": "complete", "mode": cfg.mode, "engine": cfg.engine, "norm": cfg.resolved_norm, "model": cfg.model,
         "dataset": cfg.dataset, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
         "sync_k": cfg.sync_k, "effective_gm": cfg.effective_gm, "factorization": cfg.factorization,
@@ -292,3 +328,6 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int) -> dict[
         "final_train_loss": last.get("train_loss", float("nan")), "final_train_acc": last.get("train_acc", float("nan")),
         **evaluation, **timer.summary(cfg.batch_size), "wall_s": time.perf_counter() - wall0,
     }
+    for cb in callbacks:
+        cb.on_train_end(s, summary)
+    return summary

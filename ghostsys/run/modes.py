@@ -14,14 +14,14 @@ from typing import Callable
 
 from torch import nn
 
-from ghostsys.config import RunConfig
+from ghostsys.run.config import RunConfig
 
 NormFactory = Callable[[int, int], nn.Module]
 
 
 def norm_factory(cfg: RunConfig) -> NormFactory:
     """The layer factory models are built with: ``factory(num_features, dim)``."""
-    from ghostsys.norms import make_norm
+    from ghostsys.nn.norms import make_norm
 
     kind = cfg.resolved_norm
     kw: dict = {}
@@ -52,8 +52,8 @@ class SyncBNMode(Mode):
 
     def wrap(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         """Swap every BatchNorm for a SyncBatchNorm over this rank's block of k ranks."""
-        from ghostsys import dist
-        from ghostsys.syncbn import convert_sync
+        from ghostsys.run import dist
+        from ghostsys.nn.syncbn import convert_sync
 
         group = dist.consecutive_subgroups(cfg.sync_k) if cfg.world_size > 1 else None
         return convert_sync(model, group)

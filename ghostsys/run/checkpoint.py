@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ghostsys import dist
-from ghostsys.config import ConfigError
+from ghostsys.run import dist
+from ghostsys.run.config import ConfigError
 
 
 class Checkpointer:

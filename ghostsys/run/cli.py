@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from typing import Any, Callable, Sequence
 
-from ghostsys.config import RunConfig, field_docs
+from ghostsys.run.config import RunConfig, field_docs
 
 # Filled in from the launcher, never typed by the user.
 _NOT_FLAGS = ("world_size",)
@@ -18,7 +18,7 @@ def build_parser(prog: str, description: str, cls: type = RunConfig) -> argparse
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs(cls)
-    # The `deepspeed` launcher appends --local_rank=N; ghostsys.dist reads LOCAL_RANK from the env instead.
+    # The `deepspeed` launcher appends --local_rank=N; ghostsys.run.dist reads LOCAL_RANK from the env instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         if f.name in _NOT_FLAGS:
@@ -48,8 +48,8 @@ def config_from_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 def guarded(fn: Callable[[], object]) -> int:
     """Run fn; turn the errors a user can fix into one clear line on stderr and a non-zero exit code."""
-    from ghostsys.config import ConfigError
-    from ghostsys.train import TrainingError
+    from ghostsys.run.config import ConfigError
+    from ghostsys.run.train import TrainingError
 
     try:
         fn()

@@ -1,6 +1,6 @@
 """The independent single-process reference for the equivalence checks (DESIGN §2-§3).
 
-Independence is the point: nothing here calls the code under test (no ``ghostsys.norms``, no
+Independence is the point: nothing here calls the code under test (no ``ghostsys.nn.norms``, no
 ``F.batch_norm``/``F.group_norm``, no BatchNorm forward, no ``torch.optim``). Norm layers are
 rebuilt from plain tensor ops and autograd, and ONE forward over the full global batch ``M`` with
 explicit ghost-group index lists stands in for any factorization ``n_g × n_fp × G_layer`` (and
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ghostsys.report import TOLERANCES, Row, compare, tolerance  # noqa: F401 -- part of this API
+from ghostsys.check.report import TOLERANCES, Row, compare, tolerance  # noqa: F401 -- part of this API
 
 Buffers = dict[str, Tensor]  # running_mean, running_var, num_batches_tracked
 

@@ -1,4 +1,6 @@
-"""Run directories and the loader that turns any set of them into one pandas DataFrame (DESIGN §7).
+"""Run directories: config, environment, append-only metrics, atomic summary (DESIGN §7).
+
+The loader that turns any set of them into one pandas DataFrame is ``ghostsys.study.results``.
 
 A run directory holds config.json, env.json, metrics.jsonl (append-only, one JSON object per
 line, each with the global "step" it was logged at), summary.json (written last, atomically: its
@@ -13,7 +15,6 @@ summary.json, config.json, env.json and truncations are always fsync'd.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
@@ -25,13 +26,10 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
-
-if TYPE_CHECKING:  # pandas is imported only by the loaders, not by training processes
-    import pandas as pd
+from typing import Any
 
 FSYNC_INTERVAL_S = 5.0
-_RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")  # any of them marks a run directory
 
 
 def _default(obj: Any) -> Any:
@@ -78,7 +76,7 @@ def _fsync_dir(d: Path) -> None:
         pass
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parsed lines; a torn last line (a process killed mid-write) is skipped."""
     if not path.exists():
         return []
@@ -144,7 +142,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics lines as dicts (a torn last line is skipped)."""
-        return _read_jsonl(self.metrics_path)
+        return read_jsonl(self.metrics_path)
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json, or None for an unfinished run."""
@@ -220,70 +218,3 @@ def environment() -> dict[str, Any]:
     else:
         env["device_name"] = "cpu"
     return env | _git(Path(__file__).resolve().parent.parent)
-
-
-# --- loading -----------------------------------------------------------------------------------
-
-
-def _is_run(d: Path) -> bool:
-    return any((d / f).exists() for f in _RUN_FILES)
-
-
-def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Run directories named by `paths`: run dirs, parents holding them (searched recursively), globs."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    found: dict[Path, None] = {}
-    for p in paths:
-        s = os.fspath(p)
-        matches = sorted(glob.glob(s, recursive=True)) if glob.has_magic(s) else [s]
-        for m in map(Path, matches):
-            if not m.is_dir():
-                continue
-            if _is_run(m):
-                found[m] = None
-            else:
-                for f in sorted(m.rglob("*")):
-                    if f.name in _RUN_FILES and "checkpoints" not in f.relative_to(m).parts:
-                        found[f.parent] = None
-    return list(found)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def load(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
-    """One DataFrame row per run: run_dir, status, summary.json fields, config.json fields (cfg.* on a clash)."""
-    import pandas as pd
-
-    rows = []
-    for d in find_runs(paths):
-        summary = _flatten(_read_json(d / "summary.json"))
-        row: dict[str, Any] = {"run_dir": str(d), "status": "incomplete" if not summary else "complete"}
-        row |= summary  # a summary's own status (e.g. "failed") wins over the default
-        for k, v in _flatten(_read_json(d / "config.json")).items():
-            row[f"cfg.{k}" if k in row else k] = v
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def load_metrics(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
-    """One DataFrame row per metrics line of every run, with its run_dir."""
-    import pandas as pd
-
-    rows = [{"run_dir": str(d), **_flatten(r)} for d in find_runs(paths) for r in _read_jsonl(d / "metrics.jsonl")]
-    return pd.DataFrame(rows)

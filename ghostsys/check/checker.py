@@ -3,7 +3,7 @@
 For each factorization (n_g = the launched processes, n_fp, G_layer, SyncBN block k) the real
 training machinery (config -> model -> mode -> engine -> ``train.train_step``) runs k SGD steps,
 and its first-step logits and loss, first-step gradients, weights after k steps and every rank's
-running statistics are compared with ``ghostsys.reference``: a single-process model built from
+running statistics are compared with ``ghostsys.check.reference``: a single-process model built from
 plain tensor ops that normalizes explicit ghost-group index lists (DESIGN §2-§3). A negative
 control (full BatchNorm, G_M = 1, against the target G_M) must differ, so the checker can never
 pass by comparing a thing with itself.
@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from ghostsys import dist, reference as ref
-from ghostsys.config import ConfigError, RunConfig
-from ghostsys.data import fetch
-from ghostsys.models import build_model
-from ghostsys.modes import norm_factory
-from ghostsys.report import Row, compare
-from ghostsys.train import Setup, build, micro_batches, train_step
+from ghostsys.run import dist
+from ghostsys.check import reference as ref
+from ghostsys.run.config import ConfigError, RunConfig
+from ghostsys.run.data import fetch
+from ghostsys.nn.models import build_model
+from ghostsys.run.modes import norm_factory
+from ghostsys.check.report import Row, compare
+from ghostsys.run.train import Setup, build, micro_batches, train_step
 
 INJECTIONS = ("", "interleaved", "no-nfp-scaling", "wrong-rank-buffers")
 
@@ -167,7 +168,7 @@ def observe(c: CheckConfig, s: Setup) -> Observed:
         real_backward = engine.backward
         engine.backward = lambda l: real_backward(l * s.cfg.nfp)  # type: ignore[method-assign]
 
-    def keep_grads() -> None:
+    def keep_grads(_batches: list) -> None:
         nonlocal grads
         got = {n: p.grad.detach().cpu().clone() for n, p in engine.unwrapped.named_parameters() if p.grad is not None}
         grads = got or None  # ZeRO 1/2 keep gradients in their own partitions, not in .grad
@@ -366,8 +367,8 @@ def check(c: CheckConfig) -> int:
     """Run the checker on the launched processes; print the report on rank 0; return the exit code."""
     import dataclasses
 
-    from ghostsys.report import exit_code, markdown_table, summary, tolerance_table, write_rows
-    from ghostsys.results import RunDir, environment
+    from ghostsys.check.report import exit_code, markdown_table, summary, tolerance_table, write_rows
+    from ghostsys.run.rundir import RunDir, environment
 
     info = dist.init(device="cpu" if not torch.cuda.is_available() else None)
     try:

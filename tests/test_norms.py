@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostsys.nn import _ghost_kernels
-from ghostsys.nn.norms import GhostBatchNorm, NoisyBatchNorm, SeqNorm, convert, make_norm, replace_batchnorm
+from ghostsys.nn import convert, replace_batchnorm
+from ghostsys.nn.norms import GhostBatchNorm, NoisyBatchNorm, SeqNorm, make_norm
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=5e-5, atol=5e-5)}
 EXACT = dict(rtol=0.0, atol=0.0)
@@ -399,9 +400,9 @@ def test_noisy_batchnorm():
     assert (louder(x) - F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5)).std() > 2.5 * expected
     # Any rank, and channels_last is kept.
     for shape in ((16, 4), (16, 4, 3), (4, 4, 2, 2, 2)):
-        assert NoisyBatchNorm(4, 0.1)(torch.randn(shape)).shape == shape
+        assert NoisyBatchNorm(4, noise_std=0.1)(torch.randn(shape)).shape == shape
     xc = x[:8].contiguous(memory_format=torch.channels_last)
-    assert NoisyBatchNorm(4, 0.1)(xc).is_contiguous(memory_format=torch.channels_last)
+    assert NoisyBatchNorm(4, noise_std=0.1)(xc).is_contiguous(memory_format=torch.channels_last)
 
 
 # --- make_norm, replace_batchnorm, convert --------------------------------------------------------------
@@ -562,6 +563,22 @@ def test_non_divisible_batch_error_names_m_and_choices():
 def test_constructor_errors(kw):
     with pytest.raises(ValueError):
         GhostBatchNorm(3, **kw)
+
+
+def test_batchnorm_constructor_positions_and_bias():
+    # BatchNorm's positions (num_features, eps, momentum, affine, track_running_stats, device, dtype, *, bias);
+    # the ghost arguments are keyword-only, so an old positional GhostBatchNorm(C, G) fails loudly.
+    layer = GhostBatchNorm(4, 1e-3, None, True, False, "cpu", torch.float64, bias=False, ghost_groups=2)
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (1e-3, None, True, False)
+    assert layer.weight.dtype == torch.float64 and layer.bias is None and layer.running_mean is None
+    assert [n for n, _ in SeqNorm(4, channel_groups=2, ghost_groups=1, bias=False).named_parameters()] == ["weight"]
+    assert NoisyBatchNorm(4, 1e-3, noise_std=0.1, bias=False).bias is None
+    with pytest.raises(ValueError, match="exactly one of ghost_groups"):
+        GhostBatchNorm(4, 2)  # eps=2 and no ghost argument
+    with pytest.raises(TypeError):
+        NoisyBatchNorm(4, 0.1)  # noise_std is keyword-only and required
+    with pytest.raises(ValueError, match="eps must be positive"):  # BatchNorm's check, also with ghost groups
+        GhostBatchNorm(4, 0.0, ghost_groups=2)(torch.randn(8, 4))
 
 
 def test_wrong_rank_or_channels_raises():

@@ -114,6 +114,9 @@ class RefNorm(nn.Module):
             x = x * self.weight.view(shape)
         if self.bias is not None:
             x = x + self.bias.view(shape)
+        for name in _POST_NORM:  # the replaced layer's own drop and act, if it had them
+            if self._modules.get(name) is not None:
+                x = self._modules[name](x)
         return x
 
     def _ghost(self, x: Tensor) -> Tensor:
@@ -141,8 +144,25 @@ class RefNorm(nn.Module):
         return torch.cat(pieces).index_select(0, torch.argsort(perm).to(x.device))
 
 
+# A norm layer with child modules of these names applies them after normalizing, in this order: the
+# contract of timm's BatchNormAct2d (norm, then self.drop, then self.act), which ghostsys' *Act layers keep.
+_POST_NORM = ("drop", "act")
+
+
 def _as_reference(m: nn.Module) -> RefNorm | None:
-    """The RefNorm standing in for m, or None when m is not a norm layer we replace."""
+    """The RefNorm standing in for m (with m's drop and act, if any), or None when m is not a norm layer we replace."""
+    ref = _norm_reference(m)
+    if ref is not None:
+        children = dict(m.named_children())
+        if set(children) - set(_POST_NORM):
+            raise NotImplementedError(f"{type(m).__name__} has child modules {sorted(children)}; the reference "
+                                      f"only knows norm layers that apply {' and '.join(_POST_NORM)} after normalizing")
+        for name, child in children.items():
+            ref.add_module(name, child)  # to_reference works on a deep copy: these are the copy's own
+    return ref
+
+
+def _norm_reference(m: nn.Module) -> RefNorm | None:
     if isinstance(m, nn.GroupNorm):
         return RefNorm("group", m.num_channels, m.eps, None, m.weight, m.bias, channel_groups=m.num_groups)
     if isinstance(m, _InstanceNorm) or not (isinstance(m, _BatchNorm) or all(
@@ -153,7 +173,7 @@ def _as_reference(m: nn.Module) -> RefNorm | None:
     # uses the same eps for its GroupNorm step.
     if float(getattr(m, "noise_std", 0) or 0) > 0:
         raise NotImplementedError(f"{type(m).__name__} adds random noise; the reference cannot reproduce it")
-    seq = type(m).__name__ == "SeqNorm"
+    seq = any(t.__name__ == "SeqNorm" for t in type(m).__mro__)  # SeqNorm and its subclasses (SeqNormAct)
     if seq and not isinstance(getattr(m, "channel_groups", None), int):
         raise ValueError("SeqNorm without an int `channel_groups` attribute: unknown layout")
     c = getattr(m, "num_features", None) or (m.weight if m.weight is not None else m.running_mean).numel()

@@ -1,7 +1,8 @@
-"""The ``nn`` wing: norm layers, their kernels, SyncBN and the papers' models.
+"""The ``nn`` wing: norm layers, their kernels, SyncBN, swapping them into models, and the models.
 
-Everything here takes explicit arguments and imports torch only: no rank, device, environment
-variable or run config is ever read (DESIGN §4). Typical use::
+Everything here takes explicit arguments and imports torch only (torchvision and timm lazily, to
+build their models): no rank, device, environment variable or run config is ever read (DESIGN §4).
+Typical use::
 
     from ghostsys.nn import GhostBatchNorm, SeqNorm, convert
     model = convert(torchvision_model, "ghost", ghost_groups=8)
@@ -14,11 +15,11 @@ from ghostsys.nn.norms import (
     GhostBatchNorm,
     NoisyBatchNorm,
     SeqNorm,
-    convert,
     make_norm,
-    replace_batchnorm,
 )
+from ghostsys.nn.swap import UnconvertibleNormError, convert, replace_batchnorm
 from ghostsys.nn.syncbn import SyncBatchNorm, convert_sync
 
 __all__ = ["GhostBatchNorm", "SeqNorm", "NoisyBatchNorm", "SyncBatchNorm", "make_norm", "convert",
-           "replace_batchnorm", "convert_sync", "build_model", "MODEL_NAMES", "NORM_KINDS", "STATS_POLICIES"]
+           "replace_batchnorm", "convert_sync", "UnconvertibleNormError", "build_model", "MODEL_NAMES",
+           "NORM_KINDS", "STATS_POLICIES"]

@@ -197,7 +197,7 @@ def wrn28_10(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, dro
 def torchvision_model(name: str, num_classes: int, norm: NormFactory) -> nn.Module:
     """A randomly initialized torchvision model whose every BatchNorm is replaced through `norm`."""
     from ghostsys._compat import import_torchvision
-    from ghostsys.nn.norms import replace_batchnorm  # lazy: only this branch needs it
+    from ghostsys.nn.swap import replace_batchnorm  # lazy: only this branch needs it
 
     tv = import_torchvision()
     try:

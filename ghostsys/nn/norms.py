@@ -1,8 +1,8 @@
 """Normalization layers of the papers and the tools to put them into any model.
 
 ``GhostBatchNorm`` (GhostNorm), ``SeqNorm`` (GroupNorm then GhostNorm, one affine) and
-``NoisyBatchNorm``; ``make_norm`` builds any of them (or BatchNorm / GroupNorm / nothing) by name,
-and ``replace_batchnorm`` / ``convert`` swap the BatchNorm layers of an existing model.
+``NoisyBatchNorm``; ``make_norm`` builds any of them (or BatchNorm / GroupNorm / nothing) by name.
+``ghostsys.nn.swap`` (``replace_batchnorm``, ``convert``) puts them into an existing model.
 
 Conventions (DESIGN.md section 2): inputs are ``(M, C, *spatial)`` with 0 to 3 spatial dims;
 ghost group k is the CONTIGUOUS block of samples ``[k*M/G, (k+1)*M/G)``; the biased variance
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _NormBase
 
 from ghostsys.nn._ghost_kernels import IMPLS, Collect, Sequential, ghost_batch_norm
 
-__all__ = ["GhostBatchNorm", "SeqNorm", "NoisyBatchNorm", "make_norm", "replace_batchnorm", "convert",
-           "STATS_POLICIES", "NORM_KINDS"]
+__all__ = ["GhostBatchNorm", "SeqNorm", "NoisyBatchNorm", "make_norm", "STATS_POLICIES", "NORM_KINDS"]
 
 STATS_POLICIES = ("mean", "sequential")
 NORM_KINDS = ("batch", "ghost", "seq", "group", "noisy", "none")
@@ -53,10 +51,13 @@ def _batch_norm_step(module: _NormBase) -> tuple[bool, float]:
 class GhostBatchNorm(_NormBase):
     """Ghost batch norm: BatchNorm applied independently to G contiguous blocks of the batch.
 
-    Give exactly one of ``ghost_groups`` (G, fixed; M must be divisible by it) or
-    ``ghost_batch_size`` (samples per group, so G = M / ghost_batch_size). Parameters and buffers
-    are BatchNorm's (weight, bias, running_mean, running_var, num_batches_tracked), so state dicts
-    interchange with ``nn.BatchNorm{1,2,3}d``; with one group the layer *is* BatchNorm. Eval mode
+    The constructor is ``nn.BatchNorm{1,2,3}d``'s -- the same arguments, positions and meanings
+    (``num_features, eps, momentum, affine, track_running_stats, device, dtype, *, bias``) -- plus
+    keyword-only ghost arguments: give exactly one of ``ghost_groups`` (G, fixed; M must be divisible
+    by it) or ``ghost_batch_size`` (samples per group, so G = M / ghost_batch_size). Parameters and
+    buffers are BatchNorm's (weight, bias unless ``bias=False``, running_mean, running_var,
+    num_batches_tracked), so state dicts interchange with ``nn.BatchNorm{1,2,3}d``; with one group
+    the layer *is* BatchNorm (PyTorch's own BatchNorm module tests pass on it). Eval mode
     uses the running statistics and never ghosts (or, with ``track_running_stats=False``,
     normalizes over the whole batch, as BatchNorm does).
 
@@ -79,11 +80,11 @@ class GhostBatchNorm(_NormBase):
     for ghost groups of >= 4096 values or the sequential policy, else vectorized (so on CUDA).
     """
 
-    def __init__(self, num_features: int, ghost_groups: int | None = None, ghost_batch_size: int | None = None,
-                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, stats_policy: str = "mean", *, impl: str = "auto",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True, ghost_groups: int | None = None,
+                 ghost_batch_size: int | None = None, stats_policy: str = "mean", impl: str = "auto") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         if (ghost_groups is None) == (ghost_batch_size is None):
             raise ValueError("give exactly one of ghost_groups (number of groups) or ghost_batch_size (samples "
                              f"per group); got ghost_groups={ghost_groups}, ghost_batch_size={ghost_batch_size}")
@@ -149,6 +150,8 @@ class GhostBatchNorm(_NormBase):
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, use_batch, 0.0, self.eps)
         tracking = self.track_running_stats and self.running_mean is not None
         groups = self.num_groups(x.shape[0]) if x.shape[0] else 1
+        if groups > 1 and not self.eps > 0:  # F.batch_norm's own check, which the ghost kernels bypass
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if x.shape[0]:
             self._validate_groups(x, groups)
         if groups == 1:  # plain BatchNorm: its own kernel, its own bookkeeping
@@ -182,20 +185,22 @@ class GhostBatchNorm(_NormBase):
 class SeqNorm(GhostBatchNorm):
     """Sequential normalization: GroupNorm(G_C) without affine, then GhostNorm(G_M) without affine,
     then ONE per-channel affine (gamma, beta). The same eps serves both normalizations; the running
-    statistics (of the GroupNorm output) behave as GhostBatchNorm's."""
+    statistics (of the GroupNorm output) behave as GhostBatchNorm's. Constructor: GhostBatchNorm's
+    (BatchNorm's arguments) plus the keyword-only ``channel_groups`` (G_C)."""
 
-    def __init__(self, num_features: int, channel_groups: int, ghost_groups: int | None = None,
-                 ghost_batch_size: int | None = None, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, stats_policy: str = "mean", *,
-                 impl: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, channel_groups: int, bias: bool = True,
+                 ghost_groups: int | None = None, ghost_batch_size: int | None = None, stats_policy: str = "mean",
+                 impl: str = "auto") -> None:
         if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1:
             raise ValueError(f"channel_groups must be a positive int, got {channel_groups!r}")
         if num_features % channel_groups:
             raise ValueError(f"SeqNorm: num_features={num_features} is not divisible by channel_groups="
                              f"{channel_groups}; valid channel_groups: {_divisors(num_features)}")
-        super().__init__(num_features, ghost_groups, ghost_batch_size, eps, momentum, affine, track_running_stats,
-                         stats_policy, impl=impl, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         ghost_groups=ghost_groups, ghost_batch_size=ghost_batch_size, stats_policy=stats_policy,
+                         impl=impl)
         self.channel_groups = channel_groups
 
     def extra_repr(self) -> str:
@@ -213,14 +218,15 @@ class SeqNorm(GhostBatchNorm):
 class NoisyBatchNorm(_NormBase):
     """BatchNorm with Gaussian noise N(0, noise_std^2) added to its input in training only (the
     papers' Noisy BatchNorm ablation); eval mode is exactly BatchNorm's. Any input rank 2-5.
-    The noise comes from torch's default generator, as Dropout's does."""
+    The noise comes from torch's default generator, as Dropout's does. Constructor: BatchNorm's
+    arguments plus the keyword-only ``noise_std`` (0 makes the layer BatchNorm)."""
 
-    def __init__(self, num_features: int, noise_std: float, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, noise_std: float, bias: bool = True) -> None:
         if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not noise_std >= 0:
             raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.noise_std = float(noise_std)
 
     def extra_repr(self) -> str:
@@ -240,10 +246,10 @@ class NoisyBatchNorm(_NormBase):
                             self.weight, self.bias, use_batch, factor, self.eps)
 
 
-# --- building and swapping layers ------------------------------------------------------------------
+# --- building layers by name ------------------------------------------------------------------------
 
 _BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_COMMON_KW = ("eps", "momentum", "affine", "track_running_stats", "device", "dtype")
+_COMMON_KW = ("eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias")
 # Per kind: (required, optional) keyword arguments beyond the common BatchNorm-style ones.
 _KIND_KW: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "batch": ((), ()),
@@ -259,9 +265,9 @@ def make_norm(kind: str, num_features: int, *, dim: int = 2, **kw) -> nn.Module:
     """Build a norm layer by name: batch, ghost, seq, group, noisy or none (see NORM_KINDS).
 
     ``dim`` (1, 2 or 3) picks ``nn.BatchNorm{dim}d`` for ``batch``; the other layers take any rank.
-    BatchNorm-style keywords (eps, momentum, affine, track_running_stats, device, dtype) are accepted
-    by every kind and dropped where the layer has no such notion (group: momentum and running
-    stats; none: all), so one call site can build any kind.
+    BatchNorm-style keywords (eps, momentum, affine, track_running_stats, device, dtype, bias) are
+    accepted by every kind and dropped where the layer has no such notion (group: momentum and
+    running stats; none: all), so one call site can build any kind.
     """
     if kind not in _KIND_KW:
         raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
@@ -278,72 +284,10 @@ def make_norm(kind: str, num_features: int, *, dim: int = 2, **kw) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     if kind == "group":
-        keep = {k: kw[k] for k in ("eps", "affine", "device", "dtype") if k in kw}
+        keep = {k: kw[k] for k in ("eps", "affine", "device", "dtype", "bias") if k in kw}
         return nn.GroupNorm(kw["channel_groups"], num_features, **keep)
     if kind == "batch":
         return _BN_BY_DIM[dim](num_features, **kw)
     if kind in ("ghost", "seq") and kw.get("ghost_groups") is None and kw.get("ghost_batch_size") is None:
         raise ValueError(f"norm kind {kind!r} needs the argument ghost_groups or ghost_batch_size")
     return {"ghost": GhostBatchNorm, "seq": SeqNorm, "noisy": NoisyBatchNorm}[kind](num_features, **kw)
-
-
-def _is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
-
-
-def replace_batchnorm(model: nn.Module, factory: Callable[[_BatchNorm], nn.Module]) -> nn.Module:
-    """Replace every BatchNorm{1,2,3}d / SyncBatchNorm submodule, recursively and in place, by
-    factory(old); returns the model (or factory(model) when the model itself is one). A BatchNorm
-    shared by several parents is replaced by one shared new module."""
-    memo: dict[int, nn.Module] = {}
-
-    def swap(bn: _BatchNorm) -> nn.Module:
-        if id(bn) not in memo:
-            memo[id(bn)] = factory(bn)
-        return memo[id(bn)]
-
-    if _is_batchnorm(model):
-        return swap(model)
-    for parent in list(model.modules()):
-        # _modules, not named_children(): the latter skips a child seen twice (shared modules).
-        for name, child in list(parent._modules.items()):
-            if child is not None and _is_batchnorm(child):
-                setattr(parent, name, swap(child))
-    return model
-
-
-def _bn_dim(bn: _BatchNorm) -> int:
-    # SyncBatchNorm accepts any rank; image models are its common case.
-    return next((d for d, cls in _BN_BY_DIM.items() if isinstance(bn, cls)), 2)
-
-
-def convert(model: nn.Module, kind: str, **kw) -> nn.Module:
-    """Swap every BatchNorm of `model` (in place) for make_norm(kind, ...), carrying over its state.
-
-    eps / momentum / affine / track_running_stats come from each BatchNorm unless given in kw (``dim``
-    likewise, from the BatchNorm class). weight, bias, running_mean, running_var and num_batches_tracked are copied
-    where the new layer has them -- for GroupNorm and SeqNorm only the affine, since their
-    statistics are of a different quantity. Device, dtype, requires_grad and train/eval mode are kept.
-    """
-
-    def factory(bn: _BatchNorm) -> nn.Module:
-        args = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
-                "track_running_stats": bn.track_running_stats, **kw}
-        args.setdefault("dim", _bn_dim(bn))
-        new = make_norm(kind, bn.num_features, **args)
-        ref = next((t for t in [*bn.parameters(), *bn.buffers()] if t.is_floating_point()), None)
-        if ref is not None:
-            new.to(device=ref.device, dtype=ref.dtype)
-        names = ["weight", "bias"]
-        if kind not in ("seq", "group"):
-            names += ["running_mean", "running_var", "num_batches_tracked"]
-        with torch.no_grad():
-            for name in names:
-                src, dst = getattr(bn, name, None), getattr(new, name, None)
-                if isinstance(src, Tensor) and isinstance(dst, Tensor) and src.shape == dst.shape:
-                    dst.copy_(src)
-                    if isinstance(dst, nn.Parameter):
-                        dst.requires_grad_(src.requires_grad)
-        return new.train(bn.training)
-
-    return replace_batchnorm(model, factory)

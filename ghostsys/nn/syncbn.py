@@ -164,31 +164,29 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Replace every BatchNorm{1,2,3}d in ``model`` by ghostsys SyncBatchNorm sharing its parameters and buffers.
+    """Replace every BatchNorm in ``model`` by ghostsys SyncBatchNorm sharing its parameters and buffers.
 
-    Modules that already synchronize (ours or ``nn.SyncBatchNorm``) are left as they
-    are. Parameters and buffers are the same tensor objects, so device, dtype, values and any
-    optimizer holding them carry over; so does train/eval mode. Returns the new root when the
-    root itself is a BatchNorm, else ``model`` modified in place.
+    Modules that already synchronize (ours or ``nn.SyncBatchNorm``) are left as they are. Parameters
+    and buffers are the same tensor objects, so device, dtype, values and any optimizer holding them
+    carry over; so does train/eval mode. timm's BatchNormAct2d family becomes ``SyncBatchNormAct``
+    with the same drop and act (as timm's ``convert_sync_batchnorm`` does); a BatchNorm subclass that
+    cannot be swapped faithfully is refused with one error naming it (``ghostsys.nn.swap``).
+    Returns the new root when the root itself is a BatchNorm, else ``model`` modified in place.
     """
-    out = model
-    if isinstance(model, _BatchNorm) and not isinstance(model, (nn.SyncBatchNorm, SyncBatchNorm)):
-        out = SyncBatchNorm(
-            model.num_features,
-            model.eps,
-            model.momentum,
-            model.affine,
-            model.track_running_stats,
-            process_group,
-            device="meta",  # placeholders only: the real tensors are assigned just below
-            bias=model.bias is not None,
-        )
-        out.weight, out.bias = model.weight, model.bias
-        out.running_mean, out.running_var = model.running_mean, model.running_var
-        out.num_batches_tracked = model.num_batches_tracked
-        out.training = model.training
-        if hasattr(model, "qconfig"):
-            out.qconfig = model.qconfig
-    for name, child in model.named_children():
-        out.add_module(name, convert_sync(child, process_group))
-    return out
+    from ghostsys.nn.swap import replace_batchnorm  # swap imports this module: import it when used
+
+    def factory(bn: _BatchNorm) -> nn.Module:
+        if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)):
+            return bn
+        out = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
+                            device="meta",  # placeholders only: the real tensors are assigned just below
+                            bias=bn.bias is not None or not bn.affine)
+        out.weight, out.bias = bn.weight, bn.bias
+        out.running_mean, out.running_var = bn.running_mean, bn.running_var
+        out.num_batches_tracked = bn.num_batches_tracked
+        out.training = bn.training
+        if hasattr(bn, "qconfig"):
+            out.qconfig = bn.qconfig
+        return out
+
+    return replace_batchnorm(model, factory)

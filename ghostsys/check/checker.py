@@ -35,7 +35,7 @@ class CheckConfig:
     """What the checker compares: one model, batch, seed and target G_M over every allowed factorization."""
 
     model: str = "cnn"
-    """Model: cnn, simplenet, resnet56, wrn28_10, or tv:<torchvision name>."""
+    """Model: cnn, simplenet, resnet56, wrn28_10, tv:<torchvision name> or timm:<timm name>."""
     norm: str = "batch"
     """batch (BatchNorm/GhostNorm modes) or seq (SeqNorm in place of BatchNorm; its ghost part factorizes)."""
     channel_groups: int = 4

@@ -1,5 +1,7 @@
 """Models of the papers, each built around an explicit norm factory.
 
+Model sources: the papers' models here, ``tv:<name>`` (torchvision) and ``timm:<name>`` (timm), both
+randomly initialized, their BatchNorm layers swapped through ``ghostsys.nn.swap.replace_batchnorm``.
 Models never read rank, device, env vars or any global config: the norm layer comes in as a
 `NormFactory`, called `norm(num_features, dim)` with dim=1 for (M, C) features and dim=2 for
 images (3 for volumes, only through torchvision models). Initialization uses the global torch RNG
@@ -8,6 +10,7 @@ only, so `torch.manual_seed(s)` before `build_model` fixes the weights.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Callable
@@ -19,7 +22,8 @@ from torch import nn
 NormFactory = Callable[[int, int], nn.Module]
 
 MODEL_NAMES = ("cnn", "simplenet", "resnet56", "wrn28_10", "resnet<6n+2> (e.g. resnet20)",
-               "wrn<depth>_<width> (depth = 6n+4)", "tv:<torchvision model name> (e.g. tv:resnet18)")
+               "wrn<depth>_<width> (depth = 6n+4)", "tv:<torchvision model name> (e.g. tv:resnet18)",
+               "timm:<timm model name> (e.g. timm:efficientnet_b0)")
 
 
 def batchnorm(num_features: int, dim: int) -> nn.Module:
@@ -194,37 +198,97 @@ def wrn28_10(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, dro
     return WideResNet(28, 10, in_shape, num_classes, norm, dropout)
 
 
-def torchvision_model(name: str, num_classes: int, norm: NormFactory) -> nn.Module:
-    """A randomly initialized torchvision model whose every BatchNorm is replaced through `norm`."""
-    from ghostsys._compat import import_torchvision
-    from ghostsys.nn.swap import replace_batchnorm  # lazy: only this branch needs it
-
-    tv = import_torchvision()
-    try:
-        model = tv.models.get_model(name, weights=None, num_classes=num_classes)
-    except ValueError as err:
-        raise ValueError(f"unknown torchvision model {name!r} ({err}); see torchvision.models.list_models()") from None
+def _batchnorm_factory(norm: NormFactory) -> Callable[[nn.Module], nn.Module]:
     dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
-    def factory(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    def factory(bn: nn.Module) -> nn.Module:
         # Anything else (e.g. SyncBatchNorm) is treated as an image norm.
         dim = next((d for cls, d in dims.items() if isinstance(bn, cls)), 2)
         return norm(bn.num_features, dim)
 
-    return replace_batchnorm(model, factory)
+    return factory
+
+
+def _unknown(source: str, name: str, names: list[str], how: str) -> ValueError:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f" (close: {', '.join(f'{source}:{c}' for c in close)})" if close else ""
+    return ValueError(f"--model {source}:{name}: no such {'timm' if source == 'timm' else 'torchvision'} "
+                      f"model{hint}; list the valid names with {how}")
+
+
+_TV_LIST = "`python -c \"import torchvision; print(torchvision.models.list_models())\"`"
+_TIMM_LIST = "`python -c \"import timm; print(timm.list_models())\"`"
+
+
+def _import_timm():
+    from ghostsys._compat import import_torchvision
+
+    import_torchvision()  # timm imports torchvision: make it importable on a CPU torch first
+    import timm
+
+    return timm
+
+
+def check_model_name(name: str) -> None:
+    """ValueError naming ``--model`` and how to list the valid names unless `name` names a model (nothing built)."""
+    if name.startswith("tv:"):
+        from ghostsys._compat import import_torchvision
+
+        names = import_torchvision().models.list_models()
+        if name[3:] not in names:
+            raise _unknown("tv", name[3:], names, _TV_LIST)
+    elif name.startswith("timm:"):
+        timm = _import_timm()
+        if not timm.is_model(name[5:]):
+            raise _unknown("timm", name[5:], timm.list_models(), _TIMM_LIST)
+    elif m := re.fullmatch(r"resnet(\d+)", name):
+        if (int(m.group(1)) - 2) % 6 or int(m.group(1)) < 8:
+            raise ValueError(f"--model {name}: CIFAR ResNet depth must be 6n+2 (resnet20, resnet32, resnet44, "
+                             "resnet56, resnet110, ...)")
+    elif m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
+        if (int(m.group(1)) - 4) % 6 or int(m.group(1)) < 10 or int(m.group(2)) < 1:
+            raise ValueError(f"--model {name}: Wide-ResNet depth must be 6n+4 (10, 16, 22, 28, 40, ...) and width "
+                             ">= 1, e.g. wrn28_10")
+    elif name not in ("cnn", "simplenet"):
+        raise ValueError(f"--model {name!r} is unknown; valid choices: {', '.join(MODEL_NAMES)}")
+
+
+def torchvision_model(name: str, num_classes: int, norm: NormFactory) -> nn.Module:
+    """A randomly initialized torchvision model whose every BatchNorm is replaced through `norm`
+    (a BatchNorm subclass with extra behaviour keeps it or is refused: ghostsys.nn.swap)."""
+    from ghostsys.nn.swap import replace_batchnorm  # lazy: only this branch needs it
+
+    check_model_name(f"tv:{name}")
+    from ghostsys._compat import import_torchvision
+
+    model = import_torchvision().models.get_model(name, weights=None, num_classes=num_classes)
+    return replace_batchnorm(model, _batchnorm_factory(norm))
+
+
+def timm_model(name: str, num_classes: int, in_chans: int, norm: NormFactory) -> nn.Module:
+    """A randomly initialized timm model (its own default drop rates) with every BatchNorm replaced through
+    `norm`; timm's BatchNormAct2d layers keep their drop and act (ghostsys.nn.swap)."""
+    from ghostsys.nn.swap import replace_batchnorm  # lazy: only this branch needs it
+
+    check_model_name(f"timm:{name}")
+    model = _import_timm().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    return replace_batchnorm(model, _batchnorm_factory(norm))
 
 
 def build_model(name: str, *, num_classes: int, in_shape: tuple[int, ...], norm: NormFactory) -> nn.Module:
     """Build a model by name (see MODEL_NAMES) with its norm layers made by `norm`."""
     in_shape = tuple(in_shape)
+    check_model_name(name)
     if name == "cnn":
         return SmallCNN(in_shape, num_classes, norm)
     if name == "simplenet":
         return SimpleNet(in_shape, num_classes, norm)
     if name.startswith("tv:"):
         return torchvision_model(name[3:], num_classes, norm)
+    if name.startswith("timm:"):
+        return timm_model(name[5:], num_classes, in_shape[0], norm)
     if m := re.fullmatch(r"resnet(\d+)", name):
         return CifarResNet(int(m.group(1)), in_shape, num_classes, norm)
     if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
         return WideResNet(int(m.group(1)), int(m.group(2)), in_shape, num_classes, norm)
-    raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"--model {name!r} is unknown; valid choices: {', '.join(MODEL_NAMES)}")

@@ -53,7 +53,7 @@ class RunConfig:
     norm: str = ""
     """Normalization layer: batch, ghost, seq, group, noisy, none; empty = ghost for mode layer, else batch."""
     model: str = "cnn"
-    """Model name: cnn, simplenet, resnet56, wrn28_10, or tv:<torchvision name>."""
+    """Model name: cnn, simplenet, resnet56, wrn28_10, tv:<torchvision name> or timm:<timm name>."""
     dataset: str = "synthetic"
     """Data set: synthetic (seeded, embedded default), mnist, cifar10, cifar100, imagenet."""
     data_root: str | None = None

@@ -25,18 +25,25 @@ def callbacks(cfg) -> list:
     return [LandscapeProbe(cfg.landscape_steps(), every=cfg.landscape_every)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse(argv: list[str]):
+    """argv -> the run config with its preset filled in (flags given explicitly win); not yet validated."""
     parser = build_parser("launch/run.py", __doc__.split("\n\n")[0])
     cfg, _ = config_from_args(parser, argv)
     if cfg.preset == "list":
-        print(presets.describe(), end="")
-        return 0
+        return cfg
+    return presets.apply(cfg, presets.explicit_fields(parser, argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
 
     def run() -> None:
-        resolved = presets.apply(cfg, presets.explicit_fields(parser, argv))
-        train(resolved, callbacks=callbacks(resolved))
+        cfg = parse(argv)
+        if cfg.preset == "list":
+            print(presets.describe(), end="")
+            return
+        train(cfg, callbacks=callbacks(cfg))
 
     return guarded(run)
 

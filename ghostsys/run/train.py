@@ -90,9 +90,10 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     # eval_split test: the papers' §3.1 protocol, train on the whole training set and evaluate on the test set.
     train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, eval_split=cfg.eval_split,
                                             val_fraction=0.0 if cfg.eval_split == "test" else 0.1)
+    if cfg.batch_size > len(train_set):  # BatchOrder would refuse it too, but without naming the flag
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples of "
+                          f"{cfg.dataset}; lower it")
     order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
-    if order.steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples; lower it")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]),
                         norm=norm_factory(cfg))

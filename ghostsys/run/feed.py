@@ -97,15 +97,15 @@ def is_in_memory(dataset: Any) -> bool:
     return hasattr(dataset, "x") and hasattr(dataset, "y")
 
 
-def auto_workers(requested: int, dataset: Any, world_size: int = 1) -> int:
+def auto_workers(requested: int, dataset: Any, local_procs: int = 1) -> int:
     """Worker processes for `requested` (-1 = auto: none for in-memory tensors, else the CPUs this process may
-    use shared among the launched ranks, 1 to 8)."""
+    use shared among the node's `local_procs` ranks, 1 to 8)."""
     if requested >= 0:
         return requested
     if is_in_memory(dataset):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(_MAX_AUTO_WORKERS, cpus // max(1, world_size)))
+    return max(1, min(_MAX_AUTO_WORKERS, cpus // max(1, local_procs)))
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler, *, seed: int, aug: dict | None, workers: int, nfp: int,
@@ -125,12 +125,13 @@ class Feed:
 
     def __init__(self, *, order: BatchOrder, train_set: Any, val_set: Any, rank: int, world_size: int, nfp: int,
                  seed: int, aug: dict | None, device: torch.device, dtype: torch.dtype, stop_step: int,
-                 num_workers: int = -1) -> None:
+                 num_workers: int = -1, local_procs: int | None = None) -> None:
         self.order, self.train_set, self.val_set = order, train_set, val_set
         self.rank, self.world_size, self.nfp, self.seed, self.aug = rank, world_size, nfp, seed, aug
         self.device, self.dtype, self.stop_step = device, dtype, stop_step
-        self.workers = auto_workers(num_workers, train_set, world_size)
-        self.eval_workers = auto_workers(num_workers, val_set, world_size)
+        local = local_procs or world_size
+        self.workers = auto_workers(num_workers, train_set, local)
+        self.eval_workers = auto_workers(num_workers, val_set, local)
         self.pin = device.type == "cuda"
         self._it: Iterator[Batch] | None = None
         self._next_step = -1

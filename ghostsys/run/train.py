@@ -107,7 +107,7 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
                          grad_clip=cfg.grad_clip)
     feed = Feed(order=order, train_set=train_set, val_set=val_set, rank=info.rank, world_size=info.world_size,
                 nfp=cfg.nfp, seed=cfg.seed, aug=augment_kwargs(cfg), device=info.device, dtype=dtype,
-                stop_step=total, num_workers=cfg.num_workers)
+                stop_step=total, num_workers=cfg.num_workers, local_procs=dist.local_world_size(info.world_size))
     return Setup(cfg, info, engine, optimizer, order, train_set, val_set, meta, dtype, order.steps_per_epoch, total, feed)
 
 

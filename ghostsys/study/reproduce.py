@@ -16,7 +16,9 @@ Protocol, as the papers':
    BatchNorm, GhostNorm at G_M 4 ... 64 (ghost batches 64 ... 4), SeqNorm at the tuned (G_C, G_M),
    GroupNorm at the tuned G_C, no normalization;
 3. the loss-landscape probe ([B] App. B.2: step sizes 0.1 ... 0.8 along the gradient, every step) for
-   BatchNorm, GhostNorm and no normalization; the band is max - min of those losses.
+   BatchNorm, GhostNorm (G_M 32: 8 samples per ghost batch) and no normalization, on the first
+   ``--probe-seeds`` seeds; the band is max - min of those losses. (The probe leaves training
+   bit-identical, so probed and unprobed seeds pool in the accuracy table.)
 
 Every stage is a sweep table (CSV, ghostsys.study.sweep) written under ``--out``, and each row runs
 in this process through ghostsys.run.train.train with its results in ``<out>/<table>/<row_id>/``, so
@@ -106,11 +108,23 @@ def accuracy_table(results: Path) -> Any:
 
     df = load([results])
     df = df[df["status"] == "complete"].copy()
+    from scipy.stats import ttest_rel
+
     df["label"] = [_label(r) for r in df.to_dict("records")]
     df["acc"] = 100 * df["eval_acc"].astype(float)
     df["_order"] = df["norm"].map({"batch": 0, "ghost": 1, "seq": 2, "group": 3, "none": 4})
     df = df.sort_values(["_order", "effective_gm"], kind="stable")
-    return df.groupby("label", sort=False)["acc"].agg(n="size", mean="mean", std="std").reset_index()
+    out = df.groupby("label", sort=False)["acc"].agg(n="size", mean="mean", std="std").reset_index()
+    # Paired by seed against BatchNorm: a seed fixes the initial weights and the batch order for every norm.
+    per_seed = df.pivot_table(index="seed", columns="label", values="acc")
+    bn = _label({"norm": "batch"})
+    diff, pval = [], []
+    for label in out["label"]:
+        both = per_seed[[bn, label]].dropna() if bn in per_seed and label != bn else None
+        ok = both is not None and len(both) >= 2 and (both[label] - both[bn]).std() > 0
+        diff.append((both[label] - both[bn]).mean() if both is not None else math.nan)
+        pval.append(ttest_rel(both[label], both[bn]).pvalue if ok else math.nan)
+    return out.assign(diff_vs_bn=diff, paired_p=pval)
 
 
 def band_table(results: Path) -> tuple[Any, Any]:
@@ -194,11 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"stage 2 at G_M {pick_gm.value}: {pick_gc.reason}.", "",
         "Stage 1 (GhostNorm, validation accuracy %):", "", _plain(stats1.drop(columns=["candidate", "gc"])), "",
         "Stage 2 (SeqNorm, validation accuracy %):", "", _plain(stats2.drop(columns=["candidate"])), "",
-        f"Test accuracy % ({args.seeds} seeds, mean and sample std; test split of 359 images: 1 image = 0.28 points):", "",
-        _plain(acc), "",
+        f"Test accuracy % ({args.seeds} seeds, mean and sample std; test split of 359 images: 1 image = 0.28 points; "
+        "diff_vs_bn and paired_p: the mean per-seed difference to BatchNorm and its paired t-test p-value):", "",
+        _plain(acc.assign(paired_p=acc["paired_p"].map(lambda v: f"{v:.3f}"))), "",
         f"Loss-landscape band (max - min of the loss at eta 0.1 ... 0.8 along -g; mean over steps and the "
         f"{min(args.probe_seeds, args.seeds)} probed seeds; thirds of the {BASE['epochs'] * 5} steps):", "",
-        _plain(phases.reset_index()), "",
+        _plain(phases.reset_index(), 3), "",
         f"wall time {time.perf_counter() - t0:.0f} s",
     ]
     text = "\n".join(lines) + "\n"
@@ -207,9 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _plain(df: Any) -> str:
+def _plain(df: Any, digits: int = 2) -> str:
     """A fixed-width table (no tabulate dependency)."""
-    return df.to_string(index=False, float_format=lambda v: f"{v:.2f}" if math.isfinite(v) else str(v))
+    return df.to_string(index=False, float_format=lambda v: f"{v:.{digits}f}" if math.isfinite(v) else str(v))
 
 
 if __name__ == "__main__":

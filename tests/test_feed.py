@@ -96,8 +96,10 @@ def test_in_memory_data_stays_in_process_by_default():
 
 # --- whole runs: the worker count changes nothing, resume included ---------------------------------
 
-RUN = dict(batch_size=32, max_steps=6, nfp=2, norm="noisy", noise_std=0.1, augment=True, cutout=4, eval_every=3,
-           checkpoint_every=2, progress=False)
+# SimpleNet keeps it cheap (the CNN's evaluation alone costs ~30 GFLOP); the synthetic images are still 3x16x16, so
+# flips, crops and Cutout apply before the flatten.
+RUN = dict(model="simplenet", batch_size=32, max_steps=6, nfp=2, norm="noisy", noise_std=0.1, augment=True, cutout=4,
+           eval_every=3, checkpoint_every=2, progress=False)
 
 
 def _losses(d) -> list[float]:

@@ -22,8 +22,8 @@ from tests._launch import metrics
 
 # NoisyBatchNorm draws from the global RNG (and is a BatchNorm: running stats, num_batches_tracked); n_fp = 2
 # puts two micro-batches in every probed step; momentum and weight decay give the optimizer state.
-RUN = dict(batch_size=32, max_steps=5, nfp=2, norm="noisy", noise_std=0.1, momentum=0.9, weight_decay=5e-4,
-           eval_every=5, progress=False, checkpoint_every=5)
+RUN = dict(model="simplenet", batch_size=32, max_steps=5, nfp=2, norm="noisy", noise_std=0.1, momentum=0.9,
+           weight_decay=5e-4, eval_every=5, progress=False, checkpoint_every=5)
 
 
 class _NaiveProbe(Callback):
@@ -72,8 +72,8 @@ def test_negative_control_a_naive_probe_disturbs_training(probe_runs):
 
 def test_probe_values_match_an_independent_functional_reference():
     """At the first step: loss(theta - eta g) via torch.func.functional_call on a deep copy, against the probe."""
-    cfg = RunConfig(batch_size=32, nfp=2, mode="layer", norm="ghost", ghost_groups=2, dtype="float64",
-                    progress=False, max_steps=1).replace(world_size=1).validate()
+    cfg = RunConfig(model="simplenet", batch_size=32, nfp=2, mode="layer", norm="ghost", ghost_groups=2,
+                    dtype="float64", progress=False, max_steps=1).replace(world_size=1).validate()
     info = dist.init(device="cpu")
     try:
         s = build(cfg, info)

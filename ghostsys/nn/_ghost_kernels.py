@@ -34,17 +34,17 @@ way the policy needs (see ``Sequential`` and ``Collect``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Union
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Sequential", "Collect", "ghost_batch_norm", "memory_format_of", "IMPLS"]
+from ghostsys.nn._ghost_common import Average, Collect, Sequential, Stats, apply_plan, like, memory_format_of, row_moments
+from ghostsys.nn._ghost_moments import ColsGhostBN, RowsGhostBN
 
-IMPLS = ("auto", "loop", "vectorized")
+__all__ = ["Sequential", "Collect", "Average", "ghost_batch_norm", "memory_format_of", "IMPLS", "choose_impl"]
+
+IMPLS = ("auto", "loop", "chunks", "vectorized", "rows", "cols")
 _aten = torch.ops.aten
 # Switches between equivalent strategies of the loop implementation (module constants so tests
 # can force each path on small shapes; see the module docstring for the measurements behind them).
@@ -52,41 +52,7 @@ _ROW_MOMENTS_MIN_SPATIAL = 64  # shorter layer-norm rows do not beat the native 
 _ROW_CHUNK_BYTES = 1 << 20  # layer-norm scratch per call: about an L2 cache, reused call to call
 _FUSED_BACKWARD = True  # NCHW: fused native backward into scratch + copy (else two addcmul passes)
 _LOOP_MIN_GROUP_NUMEL = 4096  # "auto": smaller ghost groups go to the vectorized path (measured crossover)
-
-
-@dataclass
-class Sequential:
-    """Update the real running buffers once per group, in group order, with momenta[g]."""
-
-    running_mean: Tensor
-    running_var: Tensor
-    momenta: Sequence[float]
-
-
-@dataclass
-class Collect:
-    """Write each group's mean and UNBIASED variance into row g of two (G, C) tensors."""
-
-    mean: Tensor
-    var: Tensor
-
-
-Stats = Union[Sequential, Collect, None]
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The memory format x is dense in (channels_last(_3d) only when not also plain contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _like(t: Tensor, ref: Tensor) -> Tensor:
-    """t with exactly ref's strides: the native kernels take their fast path only when the
-    gradient is laid out like the input (autograd may hand us expanded or permuted gradients)."""
-    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+_like = like
 
 
 def _groups(t: Tensor, groups: int) -> tuple[Tensor, ...]:
@@ -114,20 +80,10 @@ def _forward_native(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | 
 
 def _forward_row_moments(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
                          eps: float, stats: Collect | None, save_mean: Tensor, save_invstd: Tensor) -> None:
-    """NCHW: moments per (sample, channel) row by the layer-norm kernel, pooled per (group, channel)."""
+    """NCHW: moments per (sample, channel) row (``row_moments``), pooled per (group, channel)."""
     m, c = x.shape[0] // groups, x.shape[1]
     hw = x[0, 0].numel()
-    rows = x.view(-1, hw)
-    chunk = max(1, _ROW_CHUNK_BYTES // (hw * x.element_size()))
-    means, rstds = [], []
-    for r in rows.split(chunk):
-        # eps=0: rstd is exactly 1/std (inf for a constant row, whose variance rstd**-2 is then 0);
-        # the normalized rows it also returns are dropped at once, so the scratch is reused.
-        mu, rstd = _aten.native_layer_norm(r, [hw], None, None, 0.0)[1:]
-        means.append(mu)
-        rstds.append(rstd)
-    row_mean = torch.cat(means).view(groups, m, c)
-    row_var = torch.cat(rstds).view(groups, m, c).pow(-2)
+    row_mean, row_var = (t.view(groups, m, c) for t in row_moments(x.view(-1, hw), _ROW_CHUNK_BYTES))
     mean = row_mean.mean(1)
     # Law of total variance over the group's m equal-sized rows (biased, as the normalization uses).
     var = row_var.mean(1) + (row_mean - mean.unsqueeze(1)).square().mean(1)
@@ -221,28 +177,69 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     yt = F.batch_norm(xt, rm, rv, w, b, True, momentum, eps)
     y = torch.empty_like(x)  # the input's memory format, filled by one copy
     y.unflatten(0, (groups, m)).copy_(yt.view(m, groups, c, *spatial).transpose(0, 1))
-    if isinstance(stats, Sequential):
-        with torch.no_grad():  # BatchNorm's update, once per group in order (equal up to rounding)
-            for g, f in enumerate(stats.momenta):
-                stats.running_mean.mul_(1 - f).add_(moments.mean[g], alpha=f)
-                stats.running_var.mul_(1 - f).add_(moments.var[g], alpha=f)
+    if isinstance(stats, Sequential):  # BatchNorm's update, once per group in order (equal up to rounding)
+        apply_plan(stats, moments.mean, moments.var)
     return y
+
+
+def _chunks(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+            stats: Stats) -> Tensor:
+    """F.batch_norm on each group under autograd, then one torch.cat: BatchNorm over the chunks.
+
+    No Python in the backward (one native batch-norm backward node per group), so it has the least
+    overhead per group; it pays a copy each way (cat forward, its split backward).
+    """
+    if isinstance(stats, Sequential):  # the real buffers, BatchNorm's own update per group: bit-identical
+        plan = [(stats.running_mean, stats.running_var, f) for f in stats.momenta]
+    elif isinstance(stats, Collect):  # momentum 1 on a zeroed row: the kernel writes the group's moments there
+        plan = list(zip(stats.mean.unbind(0), stats.var.unbind(0), [1.0] * groups))
+    else:
+        plan = [(None, None, 0.0)] * groups
+    return torch.cat([F.batch_norm(xg, rm, rv, weight, bias, True, f, eps)
+                      for xg, (rm, rv, f) in zip(x.chunk(groups), plan)])
+
+
+def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
+    """The kernel "auto" runs for this input (see the module docstring for the measurements)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return "vectorized"
+    if isinstance(stats, Sequential):
+        return "loop"  # the only kernel whose per-group buffer updates are BatchNorm's bit for bit
+    if x.dim() > 2 and x[0, 0].numel() > 1 and memory_format_of(x) == torch.contiguous_format:
+        return "rows"
+    return "cols"
 
 
 def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                      stats: Stats = None, impl: str = "auto") -> Tensor:
     """Training-mode batch norm over each of `groups` contiguous batch blocks, then the affine."""
     if impl == "auto":
-        # The loop runs native CPU kernels for these dtypes; it pays ~10 us of dispatch per group and
-        # call, which tiny groups do not repay unless the policy needs its exact per-group updates.
-        use_loop = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and (
-            isinstance(stats, Sequential) or x.numel() // groups >= _LOOP_MIN_GROUP_NUMEL)
-        impl = "loop" if use_loop else "vectorized"
+        impl = choose_impl(x, groups, stats)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl in ("loop", "chunks", "vectorized") and isinstance(stats, Average):
+        # These kernels collect the group moments into (G, C) rows; the plan is applied from them.
+        moments = stats.running_mean.new_zeros((2, groups, x.shape[1]))  # zeroed: see Collect
+        y = ghost_batch_norm(x, groups, weight, bias, eps, Collect(moments[0], moments[1]), impl)
+        apply_plan(stats, moments[0], moments[1])
+        return y
     if impl == "vectorized":
         return _vectorized(x, weight, bias, groups, eps, stats)
-    if impl != "loop":
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "chunks":
+        return _chunks(x, weight, bias, groups, eps, stats)
     fmt = memory_format_of(x)
+    if impl == "rows":
+        if x.dim() < 3:
+            raise ValueError("impl='rows' needs an (M, C, *spatial) input; use 'cols' for (M, C)")
+        return RowsGhostBN.apply(x.contiguous(), weight, bias, groups, eps, stats)
+    if impl == "cols":
+        if x.dim() == 3 and x.shape[2] > 1:
+            raise ValueError("impl='cols' needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
+        if x.dim() > 2 and x[0, 0].numel() > 1:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        else:
+            x = x.contiguous()
+        return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
     if not x.is_contiguous(memory_format=fmt):
         x = x.contiguous()  # an arbitrary strided view: give the kernel dense groups
     return _LoopGhostBN.apply(x, weight, bias, groups, eps, stats)

@@ -209,7 +209,9 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
     (torch.zeros(8, 4), "mean", "cols"),
     (torch.zeros(8, 4, 1, 1), "mean", "cols"),
     (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "mean", "cols"),
-    (torch.zeros(8, 4, 3, 3), "sequential", "loop"),
+    (torch.zeros(8, 4, 3, 3), "sequential", "chunks"),
+    (torch.zeros(256, 512), "mean", "chunks"),  # ghost groups of more than 16384 values
+    (torch.zeros(128, 64, 16, 16).contiguous(memory_format=torch.channels_last), "mean", "loop"),
     (torch.zeros(8, 4, 3, 3, dtype=torch.bfloat16), "mean", "vectorized"),
 ])
 def test_auto_dispatch(x, policy, want):

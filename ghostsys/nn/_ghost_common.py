@@ -14,7 +14,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Sequential", "Collect", "Average", "Stats", "apply_plan", "memory_format_of", "like", "row_moments"]
+__all__ = ["Sequential", "Collect", "Average", "Stats", "apply_plan", "as_sequential", "memory_format_of", "like",
+           "row_moments"]
 
 _aten = torch.ops.aten
 
@@ -65,6 +66,19 @@ def apply_plan(stats: Stats, mean: Tensor, var: Tensor) -> None:
             for g, f in enumerate(stats.momenta):
                 stats.running_mean.mul_(1 - f).add_(mean[g], alpha=f)
                 stats.running_var.mul_(1 - f).add_(var[g], alpha=f)
+
+
+def as_sequential(stats: Average, groups: int) -> Sequential:
+    """The Average step as G in-order EMA updates with the group moments, for kernels whose native
+    per-group calls update the buffers themselves.
+
+    With factors f_k = (f/G) / (1 - (G-k) f/G), k = 1..G, the G updates r <- (1 - f_k) r + f_k m_k
+    telescope to (1 - f) r + (f/G) sum_k m_k: each group's weight is f/G and the old value keeps
+    1 - f (every denominator is >= k/G > 0 for f <= 1). Equal to the single step up to rounding.
+    """
+    f, g = stats.factor, groups
+    momenta = [(f / g) / (1 - (g - k) * f / g) for k in range(1, g + 1)]
+    return Sequential(stats.running_mean, stats.running_var, momenta)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:

@@ -42,6 +42,7 @@ _aten = torch.ops.aten
 # Row-moment scratch per group-norm call. One call over the whole tensor measured as fast as
 # chunks of 4-16 MiB (1 MiB chunks were up to 1.5x slower on 80 MB inputs); chunks bound the scratch.
 _ROWS_CHUNK_BYTES = 16 << 20
+_SMALL_AFFINE_BYTES = 4 << 20  # up to here the affine pass is mul + add_ (see _rows_affine)
 
 
 def _unbiased(n: int) -> float:
@@ -54,8 +55,20 @@ def _per_row(t: Tensor, m: int) -> Tensor:
 
 
 def _rows_affine(rows: Tensor, scale: Tensor, shift: Tensor, m: int, out: Tensor) -> Tensor:
-    """out = rows * scale + shift per row of (1, R, S) views: ONE native eval-mode batch-norm pass."""
-    r = rows.shape[1]
+    """out = rows * scale + shift, per (group, channel), for (1, M*C, S) views of contiguous tensors.
+
+    Large tensors: ONE pass of the native eval-mode batch-norm kernel, whose per-"channel" affine
+    is per row here. Small ones (in cache): a multiply and an in-place add, each vectorized with one
+    broadcast operand (a single addcmul with two broadcast operands runs ATen's scalar loop, 3-4x
+    slower), which beat the eval kernel's setup (measured: 0.08 vs 0.11 ms at 2 MiB, 0.49 vs 0.39 ms
+    at 8 MiB).
+    """
+    r, s = rows.shape[1:]
+    if rows.numel() * rows.element_size() <= _SMALL_AFFINE_BYTES:
+        g, c = scale.shape
+        view = (g, m, c, s)
+        torch.mul(rows.view(view), scale.view(g, 1, c, 1), out=out.view(view)).add_(shift.view(g, 1, c, 1))
+        return out
     zeros, ones = rows.new_zeros(r), rows.new_ones(r)  # contiguous: expanded buffers take a slow path
     unused = rows.new_empty(0)
     torch.native_batch_norm(rows, _per_row(scale, m), _per_row(shift, m), zeros, ones, False, 0.0, 0.0,

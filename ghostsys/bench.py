@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed reps per layer variant (default: 9, 5 for inputs over 8M values; 20 with --shape)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed reps before each block (default 2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed reps before each block (default 2, 1 for inputs over 8M values and model steps)")
     p.add_argument("--rounds", type=int, default=None, help="blocks per variant, alternating variants "
                    "(default 3; 1 for the model steps)")
     p.add_argument("--shape", default=None, help="time one input shape M,C,... instead of the models' layers")
@@ -364,6 +365,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-steps", action="store_true", help="time the models' layers only, not whole training steps")
     p.add_argument("--step-reps", default="simplenet=20,resnet56=5,wrn28_10=2",
                    help="timed training steps per model (default simplenet=20,resnet56=5,wrn28_10=2)")
+    p.add_argument("--step-threads", default=None,
+                   help="thread counts for the training steps (default: the largest of --threads; a WRN-28-10 "
+                        "step takes 15-30 s on 2 cores, so the default run times it at one thread count)")
     p.add_argument("--step-groups", type=int, default=16, help="G_M of the GhostNorm/SeqNorm models (default 16)")
     p.add_argument("--seq-channel-groups", type=int, default=4, help="SeqNorm's G_C (default 4: divides every "
                    "norm layer's channels in the three models)")
@@ -393,9 +397,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"machine: {info['cpu']} ({info['cores']} cores){', ' + info['gpu'] if 'gpu' in info else ''}; "
           f"python {info['python']}; torch {info['torch']}; device {info['device']}")
     print(f"command: python -m ghostsys.bench {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"before: {_load()}; threads {a.threads}; {a.clock} clock; "
-          f"{'channels_last' if a.channels_last else 'contiguous'}; {'steady' if steady else 'default'} allocator; "
-          f"fp32 forward+backward; warm-up {a.warmup} reps per block")
+    step_threads = tuple(int(t) for t in a.step_threads.split(",")) if a.step_threads else (max(threads),)
+    try:
+        _timer(a.clock, device, step_threads)
+    except ValueError as e:
+        p.error(f"--step-threads: {e}")
+    print(f"before: {_load()}; threads {a.threads} (training steps: {','.join(map(str, step_threads))}); "
+          f"{a.clock} clock; {'channels_last' if a.channels_last else 'contiguous'}; "
+          f"{'steady' if steady else 'default'} allocator; fp32")
     rows: list[dict] = []
     if a.quick:
         shapes, owners = [(64, 16, 8, 8)], {(64, 16, 8, 8): "quick"}
@@ -419,9 +428,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             groups = tuple(g for g in GHOST_GROUPS if shape[0] % g == 0 and shape[0] // g >= MIN_GHOST_BATCH)
         groups = tuple(g for g in groups if shape[0] % g == 0)
-        n = reps or (5 if torch.Size(shape).numel() > 8_000_000 else 9)
-        print(f"timing {shape} ({owners.get(shape, 'given')}), G {groups}, {n} reps ...", file=sys.stderr, flush=True)
-        rows += benchmark(shape, threads, n, a.warmup, groups, (a.seq_channel_groups, 0), device, a.channels_last,
+        big = torch.Size(shape).numel() > 8_000_000
+        n = reps or (5 if big else 9)
+        warm = a.warmup if a.warmup is not None else (1 if big else 2)
+        print(f"timing {shape} ({owners.get(shape, 'given')}), G {groups}, {n} reps after {warm} warm-up per block ...",
+              file=sys.stderr, flush=True)
+        rows += benchmark(shape, threads, n, warm, groups, (a.seq_channel_groups, 0), device, a.channels_last,
                           clock=a.clock, rounds=a.rounds or 3, seq_groups=tuple(g for g in groups if g > 1))
     print(f"\nLayers: forward+backward, ratio = median / median of nn.BatchNorm (SeqNorm: of F.group_norm(G_C="
           f"{a.seq_channel_groups}) + nn.BatchNorm) at the same shape and thread count; [p10-p90] over the same median")
@@ -430,10 +442,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("\n" + format_rows(rows))
     if models and not a.no_steps and not a.shape:
         print(f"timing training steps of {', '.join(models)} ...", file=sys.stderr, flush=True)
-        steps = model_steps(models, threads, 3, 1, a.step_groups, a.seq_channel_groups, device, a.channels_last,
-                            clock=a.clock, rounds=a.rounds or 1, reps_by_model=step_reps)
-        print(f"\nTraining steps (forward, cross-entropy, backward, SGD step) at each model's batch; ratio = median "
-              f"over the BatchNorm model's median, same thread count")
+        steps = model_steps(models, step_threads, 3, 1 if a.warmup is None else a.warmup, a.step_groups,
+                            a.seq_channel_groups, device, a.channels_last, clock=a.clock, rounds=a.rounds or 1,
+                            reps_by_model=step_reps)
+        print(f"\nTraining steps (forward, cross-entropy, backward, SGD step) at each model's batch, GhostNorm and "
+              f"SeqNorm with G_M={a.step_groups}; ratio = median over the BatchNorm model's median, same thread count")
         print(format_model_table(steps))
         rows += steps
     print(f"after: {_load()}")

@@ -8,6 +8,7 @@ ATen's kernel, which is what makes its ``Sequential`` updates bit-identical to B
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Sequential", "Collect", "Average", "Stats", "apply_plan", "as_sequential", "memory_format_of", "like",
-           "row_moments"]
+           "row_moments", "spatial"]
 
 _aten = torch.ops.aten
 
@@ -88,6 +89,11 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def spatial(x: Tensor) -> int:
+    """Values per (sample, channel): the product of the spatial dims (1 for (M, C)); no tensor op."""
+    return math.prod(x.shape[2:])
 
 
 def like(t: Tensor, ref: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ghostsys.nn._ghost_common import (Average, Collect, Sequential, Stats, apply_plan, as_sequential, like,
-                                       memory_format_of, row_moments)
+                                       memory_format_of, row_moments, spatial)
 from ghostsys.nn._ghost_moments import ColsGhostBN, RowsGhostBN
 
 __all__ = ["Sequential", "Collect", "Average", "ghost_batch_norm", "memory_format_of", "IMPLS", "choose_impl"]
@@ -110,7 +110,7 @@ def _forward_row_moments(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tens
                          eps: float, stats: Collect | None, save_mean: Tensor, save_invstd: Tensor) -> None:
     """NCHW: moments per (sample, channel) row (``row_moments``), pooled per (group, channel)."""
     m, c = x.shape[0] // groups, x.shape[1]
-    hw = x[0, 0].numel()
+    hw = spatial(x)
     row_mean, row_var = (t.view(groups, m, c) for t in row_moments(x.view(-1, hw), _ROW_CHUNK_BYTES))
     mean = row_mean.mean(1)
     # Law of total variance over the group's m equal-sized rows (biased, as the normalization uses).
@@ -172,7 +172,7 @@ class _LoopGhostBN(torch.autograd.Function):
         if need_x and not fused:
             # dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) = a*dy + b*x + k per (group, channel);
             # the native forward uses the same x*alpha + beta form, so precision is on a par with it.
-            n = m * x[0, 0].numel()
+            n = m * spatial(x)
             a = save_invstd if weight is None else save_invstd * weight
             b = a * save_invstd * gw * (-1.0 / n)
             k = a * gb * (-1.0 / n) - b * save_mean
@@ -192,8 +192,8 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     (G, m, C, *S) is copied to (m, G*C, *S), normalized by F.batch_norm (cuDNN or the native
     kernel, twice differentiable) and copied back: two extra copies instead of G calls.
     """
-    m, c, spatial = x.shape[0] // groups, x.shape[1], x.shape[2:]
-    xt = x.unflatten(0, (groups, m)).transpose(0, 1).reshape(m, groups * c, *spatial)
+    m, c, sp = x.shape[0] // groups, x.shape[1], x.shape[2:]
+    xt = x.unflatten(0, (groups, m)).transpose(0, 1).reshape(m, groups * c, *sp)
     rm = rv = None
     momentum = 0.0
     if stats is not None:
@@ -204,7 +204,7 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     b = bias.repeat(groups) if bias is not None else None
     yt = F.batch_norm(xt, rm, rv, w, b, True, momentum, eps)
     y = torch.empty_like(x)  # the input's memory format, filled by one copy
-    y.unflatten(0, (groups, m)).copy_(yt.view(m, groups, c, *spatial).transpose(0, 1))
+    y.unflatten(0, (groups, m)).copy_(yt.view(m, groups, c, *sp).transpose(0, 1))
     if isinstance(stats, Sequential):  # BatchNorm's update, once per group in order (equal up to rounding)
         apply_plan(stats, moments.mean, moments.var)
     return y
@@ -232,7 +232,7 @@ def _chunks(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, 
 def _loop_row_moments(x: Tensor, impl: str) -> bool:
     """Whether the loop's forward takes per-(sample, channel) row moments here (NCHW, long rows)."""
     return (impl == "loop" and x.dim() > 2 and memory_format_of(x) == torch.contiguous_format
-            and x[0, 0].numel() >= _ROW_MOMENTS_MIN_SPATIAL)
+            and spatial(x) >= _ROW_MOMENTS_MIN_SPATIAL)
 
 
 def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
@@ -241,11 +241,11 @@ def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
         return "vectorized"
     if isinstance(stats, Sequential):
         return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit
-    if x.dim() > 2 and x[0, 0].numel() > 1 and memory_format_of(x) == torch.contiguous_format:
+    if x.dim() > 2 and spatial(x) > 1 and memory_format_of(x) == torch.contiguous_format:
         return "rows"
     if x.numel() // groups <= _COLS_MAX_GROUP_NUMEL:
         return "cols"
-    return "chunks" if x.dim() == 2 or x[0, 0].numel() == 1 else "loop"
+    return "chunks" if x.dim() == 2 or spatial(x) == 1 else "loop"
 
 
 def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -277,7 +277,7 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
     if impl == "cols":
         if x.dim() == 3 and x.shape[2] > 1:
             raise ValueError("impl='cols' needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
-        if x.dim() > 2 and x[0, 0].numel() > 1:
+        if x.dim() > 2 and spatial(x) > 1:
             x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         else:
             x = x.contiguous()

@@ -11,13 +11,14 @@ with n values per (group, channel), xhat = (x - mean) * invstd, a = weight * inv
 * ``RowsGhostBN``, NCHW-like input (contiguous, at least 2 values per (sample, channel) row): in
   (M, C, S) memory a (group, channel) is m rows of S contiguous values. ATen's group-norm kernel
   with one group per row gives every row's mean and variance in one stable vectorized pass; the
-  law of total variance pools them per (group, channel). The normalization is ONE pass of the
-  native eval-mode batch-norm kernel over the (1, M*C, S) view, whose per-"channel" affine is then a
-  per-row one (weight = scale, bias = shift, running mean 0, running var 1, eps 0: y = x * scale +
-  shift exactly as BatchNorm's own forward computes it). Backward: ATen's group-norm backward over
-  the same view, told each row's group mean and an rstd of 1, returns per row sum(dy * (x - mean))
-  and sum(dy) in one pass (it forms them as sum(dy * x) - mean * sum(dy), as GroupNorm's own
-  backward does); dx = a*dy + k by the eval-mode kernel again, then one in-place addcmul adds b*x.
+  law of total variance pools them per (group, channel). The normalization y = x * scale + shift
+  (as BatchNorm's own forward computes it) is ONE pass of the native eval-mode batch-norm kernel
+  over the (1, M*C, S) view, whose per-"channel" affine is then a per-row one (weight = scale, bias =
+  shift, running mean 0, running var 1, eps 0); in-cache tensors take a multiply and an in-place add
+  instead (``_rows_affine``). Backward: ATen's group-norm backward over the same view, told each
+  row's group mean and an rstd of 1, returns per row sum(dy * (x - mean)) and sum(dy) in one pass
+  (it forms them as sum(dy * x) - mean * sum(dy), as GroupNorm's own backward does); dx = a*dy + k
+  by the same affine pass, then one in-place addcmul adds b*x.
 * ``ColsGhostBN``, (M, C) and channels_last input: its memory is (M, *S, C), so the (G, m*S, C) view
   is free and every reduction is over dim 1 with channels contiguous (vectorized along C):
   mean, the centred copy xc (saved for backward instead of x), sum(xc*xc), one addcmul; backward
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ghostsys.nn._ghost_common import Stats, apply_plan, like, row_moments
+from ghostsys.nn._ghost_common import Stats, apply_plan, like, row_moments, spatial
 
 __all__ = ["RowsGhostBN", "ColsGhostBN", "cols_view"]
 
@@ -83,7 +84,7 @@ class RowsGhostBN(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
                 stats: Stats) -> Tensor:
         big_m, c = x.shape[:2]
-        m, s = big_m // groups, x[0, 0].numel()
+        m, s = big_m // groups, spatial(x)
         rows = x.view(1, big_m * c, s)
         mu, var = (t.view(groups, m, c) for t in row_moments(rows.view(big_m * c, s), _ROWS_CHUNK_BYTES))
         mean = mu.mean(1)
@@ -107,8 +108,8 @@ class RowsGhostBN(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         groups = ctx.groups
         big_m, c = x.shape[:2]
-        m, s = big_m // groups, x[0, 0].numel()
-        r, n = big_m * c, m * x[0, 0].numel()
+        m, s = big_m // groups, spatial(x)
+        r, n = big_m * c, m * s
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy_rows, x_rows = like(dy, x).view(1, r, s), x.view(1, r, s)
         ones = x.new_ones(r)  # rstd 1 (and a gamma, which the kernel needs to return dgamma at all)
@@ -134,8 +135,6 @@ def cols_view(t: Tensor, groups: int) -> Tensor:
     if t.dim() == 2:
         return t.view(groups, -1, t.shape[1])
     return t.permute(0, *range(2, t.dim()), 1).view(groups, -1, t.shape[1])
-
-
 
 
 class ColsGhostBN(torch.autograd.Function):
@@ -186,8 +185,8 @@ class ColsGhostBN(torch.autograd.Function):
 
 def _dense_format(x: Tensor) -> torch.memory_format:
     """The layout cols_view reads x in: channels_last(_3d) for images, else plain contiguous."""
-    if x.dim() == 4 and x[0, 0].numel() > 1:
+    if x.dim() == 4 and spatial(x) > 1:
         return torch.channels_last
-    if x.dim() == 5 and x[0, 0].numel() > 1:
+    if x.dim() == 5 and spatial(x) > 1:
         return torch.channels_last_3d
     return torch.contiguous_format

@@ -230,7 +230,8 @@ def model_norm_shapes(name: str, batch: int | None = None) -> list[tuple[int, ..
     """The distinct input shapes of a model's norm layers, in order of first use, at batch size `batch`."""
     in_shape, default_batch = MODELS[name]
     batch = batch or default_batch
-    model = build_model(name, num_classes=10, in_shape=in_shape, norm=batchnorm).eval()
+    with torch.device("meta"):  # shapes only: no weights initialized, no arithmetic done
+        model = build_model(name, num_classes=10, in_shape=in_shape, norm=batchnorm).eval()
     shapes: list[tuple[int, ...]] = []
 
     def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -242,7 +243,7 @@ def model_norm_shapes(name: str, batch: int | None = None) -> list[tuple[int, ..
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_hook(hook)
     with torch.no_grad():
-        model(torch.zeros(2, *in_shape))  # two samples: the shapes past the batch dim do not depend on it
+        model(torch.zeros(2, *in_shape, device="meta"))  # the shapes past the batch dim do not depend on it
     return shapes
 
 
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     threads = tuple(int(t) for t in a.threads.split(","))
     device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
     try:
         _timer(a.clock, device, threads)
     except ValueError as e:

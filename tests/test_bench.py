@@ -4,6 +4,7 @@ the papers' models really run, and a smoke run prints every table with sane rows
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ghostsys.bench import main, model_norm_shapes
 
@@ -29,8 +30,17 @@ def test_quick_run_prints_every_table(capsys):
 
 
 @pytest.mark.parametrize("argv,expect", [(["--clock", "thread", "--threads", "1,2"], "one CPU thread"),
-                                         (["--models", "vgg"], "unknown model")])
+                                         (["--models", "vgg"], "unknown model"),
+                                         (["--step-threads", "2", "--threads", "1", "--clock", "thread"],
+                                          "--step-threads")])
 def test_bad_input_is_refused(argv, expect, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and expect in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "cuda"])
+    assert exit_.value.code == 2 and "no CUDA device" in capsys.readouterr().err

@@ -212,7 +212,7 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
 
 def _chunks(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
             stats: Stats) -> Tensor:
-    """F.batch_norm on each group under autograd, then one torch.cat: BatchNorm over the chunks.
+    """torch.batch_norm on each group under autograd, then one torch.cat: BatchNorm over the chunks.
 
     No Python in the backward (one native batch-norm backward node per group), so it has the least
     overhead per group; it pays a copy each way (cat forward, its split backward).

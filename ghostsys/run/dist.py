@@ -285,3 +285,13 @@ def requested_world() -> int | None:
         if value is not None and value.isdigit():
             return int(value)
     return None
+
+
+def local_world_size(world: int = 1) -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else
+    `world` (a single-node guess); what shares this node's CPUs among the ranks' data-loading workers."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = _env_int(name, 0)
+        if value > 0:
+            return value
+    return max(1, world)

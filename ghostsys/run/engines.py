@@ -49,10 +49,13 @@ class Engine(ABC):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                  micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                 ds_config: dict | None = None) -> None:
+                 ds_config: dict | None = None, grad_clip: float = 0.0) -> None:
         if nfp < 1 or micro_batch < 1 or world_size < 1:
             raise ValueError(f"nfp, micro_batch and world_size must be >= 1, got {nfp}, {micro_batch}, {world_size}")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {grad_clip}")
         self.nfp, self.micro_batch, self.world_size = nfp, micro_batch, world_size
+        self.grad_clip = grad_clip
         self.scheduler = scheduler
         self._backwards = 0  # micro-batches since the last step, to check the loop keeps the contract
 
@@ -93,8 +96,9 @@ class AccelerateEngine(Engine):
     name = "accelerate"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None):
-        super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size)
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0):
+        super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
+                         grad_clip=grad_clip)
         if zero_stage or ds_config:
             raise ValueError("zero_stage and ds_config are DeepSpeed options; the accelerate engine takes neither")
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -121,8 +125,10 @@ class AccelerateEngine(Engine):
         self.accelerator.backward(loss / self.nfp)
 
     def step(self) -> None:
-        """Optimizer step, one scheduler step (unprepared, so exactly one), zero grads."""
+        """Clip (if asked), optimizer step, one scheduler step (unprepared, so exactly one), zero grads."""
         self._check_step()
+        if self.grad_clip:  # after the last backward DDP has synced the grads: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -147,12 +153,15 @@ _ZERO3_WHY = ("ZeRO stage 3 partitions the parameters themselves: between forwar
               "studies would all need gathered-parameter contexts; ghostsys supports ZeRO stages 0, 1 and 2")
 
 
-def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_size: int, zero_stage: int) -> dict:
+def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_size: int, zero_stage: int,
+                       grad_clip: float = 0.0) -> dict:
     """Merge a user DeepSpeed config with the batch geometry ghostsys needs; ValueError on any contradiction."""
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage={zero_stage} is not supported: {_ZERO3_WHY}")
     needed = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": nfp,
               "train_batch_size": micro_batch * nfp * world_size, "zero_optimization.stage": zero_stage}
+    if grad_clip:  # ghostsys' --grad-clip is DeepSpeed's own global-norm clipping
+        needed["gradient_clipping"] = grad_clip
     user = dict(user_cfg or {})
     conflicts = []
     for dotted, value in needed.items():
@@ -182,9 +191,10 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None):
-        super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size)
-        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage)
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0):
+        super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
+                         grad_clip=grad_clip)
+        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage, grad_clip)
         if any(p.dtype == torch.float64 for p in model.parameters()):
             # Refuse up front rather than fail or lose precision later: ZeRO-0's gradient all-reduce buckets
             # only the accelerator's supported dtypes (no float64, CPU and CUDA alike) and asserts deep in the
@@ -286,9 +296,11 @@ ENGINES: dict[str, type[Engine]] = {"accelerate": AccelerateEngine, "deepspeed":
 
 def make_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                 micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                ds_config: dict | None = None) -> Engine:
-    """Build the named engine around a plain model, its torch optimizer and (optional) lr scheduler."""
+                ds_config: dict | None = None, grad_clip: float = 0.0) -> Engine:
+    """Build the named engine around a plain model, its torch optimizer and (optional) lr scheduler;
+    `grad_clip` > 0 clips the global gradient norm before every update."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
     return ENGINES[name](model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
-                         zero_stage=zero_stage, broadcast_buffers=broadcast_buffers, ds_config=ds_config)
+                         zero_stage=zero_stage, broadcast_buffers=broadcast_buffers, ds_config=ds_config,
+                         grad_clip=grad_clip)

@@ -70,7 +70,7 @@ class GhostBatchNorm(_NormBase):
       (3) it is what data-parallel training with all-reduced (averaged) buffers gives.
     * ``"sequential"``: one update per group, in group order, ``num_batches_tracked += G``:
       exactly what ``nn.BatchNorm`` does under gradient accumulation over the same chunks
-      (bit-identical on the CPU ``"loop"`` implementation).
+      (bit-identical with the ``"chunks"`` and CPU ``"loop"`` kernels; ``"auto"`` takes chunks).
 
     ``momentum=None`` is the cumulative moving average (factor 1/num_batches_tracked, counted per
     group under ``"sequential"``). ``impl`` picks the training kernel (``ghostsys.nn._ghost_kernels``

@@ -1,92 +1,86 @@
 """Training-mode ghost batch normalization kernels behind ``ghostsys.nn.norms`` (private).
 
-Two interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
-own statistics, then apply one per-channel affine" (timings: 128x64x32x32 float32, one core of a
-2-core AMD EPYC VM, allocator kept warm; see ``python -m ghostsys.bench``):
+Five interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
+own statistics, then apply one per-channel affine"; ``choose_impl`` is what ``impl="auto"`` runs.
 
-* ``loop`` (CPU): a ``torch.autograd.Function`` built on ATen's native kernels. A ghost group
-  ``x[k*m:(k+1)*m]`` is a contiguous slice of the batch dimension, which is outermost in NCHW *and*
-  in channels_last, so each group is itself a dense tensor of the input's layout.
-
-  - Forward, default: the native batch-norm kernel once per group, reading the group in place and
-    writing straight into the matching slice of one preallocated output (``out=``; no
-    ``torch.cat``). Used for channels_last, (M, C) and small spatial sizes, and always for the
-    ``Sequential`` policy, whose running buffers it updates exactly as BatchNorm over the chunks.
-  - Forward, NCHW with >= 64 spatial positions: ATen's NCHW batch-norm statistics loop is scalar
-    (18 ms, where channels_last takes 5 ms), so we take per-(sample, channel) moments with the
-    vectorized layer-norm kernel over 1 MiB chunks of rows, pool them into per-(group, channel)
-    moments (law of total variance: no cancellation) and normalize with one ``addcmul`` (~10 ms).
-  - Backward: per group, the native backward computes the group's sums of dy and dy*xhat. Its
-    ``out=`` variant is only a compute-then-copy wrapper, so dx cannot be written in place by it:
-    for NCHW we let it write dx into a scratch tensor and copy that slice over (one fused pass
-    plus a copy); for channels_last we ask only for the sums and write dx with two ``addcmul``
-    passes. Each measured faster than the other on its layout.
+* ``rows`` and ``cols`` (``_ghost_moments``): every group's moments from a fixed number of
+  whole-tensor ATen passes, closed-form backward from per-(group, channel) sums. ``rows`` reads
+  NCHW-like memory as (M*C, S) rows (group-norm row moments pooled per group, eval-mode batch-norm
+  affine, group-norm-backward sums); ``cols`` reads (M, C) and channels_last memory as a free
+  (G, m*S, C) view (column sums, a centred copy, two addcmul passes each way).
+* ``chunks``: ``torch.batch_norm`` on each group under autograd, then one ``torch.cat`` -- BatchNorm
+  over the chunks itself, so with the ``Sequential`` plan its buffers are BatchNorm's bit for bit.
+  One native forward and one native backward node per group and no Python in the backward: the
+  least overhead per group, for a copy each way.
+* ``loop`` (CPU): a ``torch.autograd.Function`` around ATen's native kernels. A ghost group
+  ``x[k*m:(k+1)*m]`` is a contiguous slice of the batch dimension, outermost in NCHW *and* in
+  channels_last, so each group is a dense tensor of the input's layout. Forward: the native kernel
+  per group writing straight into its slice of one output (``out=``, no cat), or for NCHW rows of
+  >= 64 values the ``rows`` moments of all groups at once. Backward per group: the native backward
+  (NCHW: dx into a scratch, then copied; channels_last: sums only, then two addcmul passes). Its
+  ``Sequential`` updates are also bit-identical to BatchNorm's.
 * ``vectorized``: plain autograd ops, device-agnostic and twice differentiable: (G, m, C, *S) is
   copied to (m, G*C, *S) so that ONE ``F.batch_norm`` call (cuDNN on CUDA) normalizes every
-  (group, channel) pair, and copied back. Two copies instead of G calls: the choice on CUDA, where
-  the loop would pay a kernel launch per group (not benchmarked on a GPU here: none was at hand),
-  and for CPU ghost groups under 4096 values, where per-call overhead dominates. A var_mean-based
-  version measured 3-6x slower on CPU (Welford reductions), so this one replaced it.
+  (group, channel) pair, and copied back. The choice off CPU float32/float64 -- so on CUDA, where
+  the loop would pay a kernel launch per group (no GPU was at hand to measure the others there).
+
+"auto" on CPU float32/float64, and the measurements behind it (forward+backward over nn.BatchNorm
+at the same shape and layout, one thread, thread CPU clock, the papers' layer shapes, G = 2..64
+with ghost batches >= 4; a shared 2-core AMD EPYC VM at load 8-14, so +-20%; ``python -m
+ghostsys.bench`` reproduces the table):
+
+* sequential policy -> ``chunks``: bit-identical buffers; against the loop (the other bit-identical
+  kernel) 0.57-0.96x on (M, C), 0.87-1.04x on the image shapes.
+* contiguous (M, C, *S) with S > 1 (NCHW, the models' default) -> ``rows``: 0.46-0.56x on the
+  WRN-28-10 shapes, 0.66-0.88x on ResNet-56's (128, 16..64, ...) where the chunk loop is
+  1.1-1.6x and the loop 0.9-1.8x. ATen's NCHW batch-norm statistics loop is scalar (double
+  accumulation), which is why a few vectorized passes beat it.
+* (M, C) and channels_last, ghost groups of <= 16384 values -> ``cols``; larger groups -> a native
+  kernel per group, ``chunks`` for (M, C) (SimpleNet G=2: 1.2-1.5x where cols is 1.9-2.5x) and
+  ``loop`` for channels_last (1.1-1.3x on the WRN shapes where cols is 1.9-2.4x; its out= writes
+  save the cat). At <= 16384 values per group the per-group call overhead (~10 us, twice) exceeds
+  cols' extra passes: (256, 512) G=8 cols 1.4-1.7x vs chunks 2.2-2.4x; (128, 64, 8, 8) G=32 cols
+  1.9x vs loop 3.1x. BatchNorm is itself cheap and vectorized on these layouts (0.1-0.3 ms on
+  SimpleNet's), so these are the shapes where targets are not met: see the benchmark.
+
+Rejected, measured: var_mean / vector_norm reductions over a (G, m, C) view (Welford / norm
+kernels: 3-25x slower than sum); one group-norm call with one group per channel on a channels_last
+(G, C, m*S) view (its channels_last kernel is scalar for one channel per group and uses the one-pass
+E[x^2] - E[x]^2: 4-10x slower and less accurate); transposing to (G, C, m*S) for the row kernels
+(ATen's transposing copies: 3-20x); torch.compile of the Figure-2 function (inductor C++): 45 s to
+compile the first shape and 5 s each further shape, 0.4-1.0x on images but 2x on (256, 300).
 
 Running statistics go through a small plan object so that each implementation can update them the
-way the policy needs (see ``Sequential`` and ``Collect``).
+way the policy needs (``Sequential``, ``Collect``, ``Average`` in ``_ghost_common``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Sequential", "Collect", "ghost_batch_norm", "memory_format_of", "IMPLS"]
+from ghostsys.nn._ghost_common import (Average, Collect, Sequential, Stats, apply_plan, as_sequential, like,
+                                       memory_format_of, row_moments, spatial)
+from ghostsys.nn._ghost_moments import ColsGhostBN, RowsGhostBN
 
-IMPLS = ("auto", "loop", "vectorized")
+__all__ = ["Sequential", "Collect", "Average", "ghost_batch_norm", "memory_format_of", "IMPLS", "choose_impl"]
+
+IMPLS = ("auto", "loop", "chunks", "vectorized", "rows", "cols")
 _aten = torch.ops.aten
 # Switches between equivalent strategies of the loop implementation (module constants so tests
 # can force each path on small shapes; see the module docstring for the measurements behind them).
 _ROW_MOMENTS_MIN_SPATIAL = 64  # shorter layer-norm rows do not beat the native loop (measured)
 _ROW_CHUNK_BYTES = 1 << 20  # layer-norm scratch per call: about an L2 cache, reused call to call
 _FUSED_BACKWARD = True  # NCHW: fused native backward into scratch + copy (else two addcmul passes)
-_LOOP_MIN_GROUP_NUMEL = 4096  # "auto": smaller ghost groups go to the vectorized path (measured crossover)
-
-
-@dataclass
-class Sequential:
-    """Update the real running buffers once per group, in group order, with momenta[g]."""
-
-    running_mean: Tensor
-    running_var: Tensor
-    momenta: Sequence[float]
-
-
-@dataclass
-class Collect:
-    """Write each group's mean and UNBIASED variance into row g of two (G, C) tensors."""
-
-    mean: Tensor
-    var: Tensor
-
-
-Stats = Union[Sequential, Collect, None]
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The memory format x is dense in (channels_last(_3d) only when not also plain contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _like(t: Tensor, ref: Tensor) -> Tensor:
-    """t with exactly ref's strides: the native kernels take their fast path only when the
-    gradient is laid out like the input (autograd may hand us expanded or permuted gradients)."""
-    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+# "auto", (M, C) and channels_last inputs: ghost groups of at most this many values go to "cols",
+# larger ones to a native kernel per group ("chunks" for (M, C), "loop" for channels_last).
+_COLS_MAX_GROUP_NUMEL = 16384
+# The previous dispatch's loop/vectorized crossover; "auto" no longer uses it (it picks among the
+# kernels above), but tests/test_norms.py still asserts its test input is above it.
+_LOOP_MIN_GROUP_NUMEL = 4096
+_like = like
 
 
 def _groups(t: Tensor, groups: int) -> tuple[Tensor, ...]:
@@ -114,20 +108,10 @@ def _forward_native(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | 
 
 def _forward_row_moments(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
                          eps: float, stats: Collect | None, save_mean: Tensor, save_invstd: Tensor) -> None:
-    """NCHW: moments per (sample, channel) row by the layer-norm kernel, pooled per (group, channel)."""
+    """NCHW: moments per (sample, channel) row (``row_moments``), pooled per (group, channel)."""
     m, c = x.shape[0] // groups, x.shape[1]
-    hw = x[0, 0].numel()
-    rows = x.view(-1, hw)
-    chunk = max(1, _ROW_CHUNK_BYTES // (hw * x.element_size()))
-    means, rstds = [], []
-    for r in rows.split(chunk):
-        # eps=0: rstd is exactly 1/std (inf for a constant row, whose variance rstd**-2 is then 0);
-        # the normalized rows it also returns are dropped at once, so the scratch is reused.
-        mu, rstd = _aten.native_layer_norm(r, [hw], None, None, 0.0)[1:]
-        means.append(mu)
-        rstds.append(rstd)
-    row_mean = torch.cat(means).view(groups, m, c)
-    row_var = torch.cat(rstds).view(groups, m, c).pow(-2)
+    hw = spatial(x)
+    row_mean, row_var = (t.view(groups, m, c) for t in row_moments(x.view(-1, hw), _ROW_CHUNK_BYTES))
     mean = row_mean.mean(1)
     # Law of total variance over the group's m equal-sized rows (biased, as the normalization uses).
     var = row_var.mean(1) + (row_mean - mean.unsqueeze(1)).square().mean(1)
@@ -136,7 +120,8 @@ def _forward_row_moments(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tens
     scale = save_invstd if weight is None else save_invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
     view = (groups, 1, c, 1)
-    torch.addcmul(shift.view(view), x.view(groups, m, c, hw), scale.view(view), out=y.view(groups, m, c, hw))
+    # Two ops, each vectorized with one broadcast operand (an addcmul with two runs ATen's scalar loop).
+    torch.mul(x.view(groups, m, c, hw), scale.view(view), out=y.view(groups, m, c, hw)).add_(shift.view(view))
     if stats is not None:
         n = m * hw
         stats.mean.copy_(mean)
@@ -154,8 +139,7 @@ class _LoopGhostBN(torch.autograd.Function):
         p_dtype = weight.dtype if weight is not None else x.dtype
         save_mean = x.new_empty((groups, x.shape[1]), dtype=p_dtype)
         save_invstd = torch.empty_like(save_mean)
-        nchw = x.dim() > 2 and memory_format_of(x) == torch.contiguous_format
-        if nchw and x[0, 0].numel() >= _ROW_MOMENTS_MIN_SPATIAL and not isinstance(stats, Sequential):
+        if _loop_row_moments(x, "loop") and not isinstance(stats, Sequential):
             _forward_row_moments(x, y, weight, bias, groups, eps, stats, save_mean, save_invstd)
         else:
             _forward_native(x, y, weight, bias, groups, eps, stats, save_mean, save_invstd)
@@ -188,7 +172,7 @@ class _LoopGhostBN(torch.autograd.Function):
         if need_x and not fused:
             # dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) = a*dy + b*x + k per (group, channel);
             # the native forward uses the same x*alpha + beta form, so precision is on a par with it.
-            n = m * x[0, 0].numel()
+            n = m * spatial(x)
             a = save_invstd if weight is None else save_invstd * weight
             b = a * save_invstd * gw * (-1.0 / n)
             k = a * gb * (-1.0 / n) - b * save_mean
@@ -208,8 +192,8 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     (G, m, C, *S) is copied to (m, G*C, *S), normalized by F.batch_norm (cuDNN or the native
     kernel, twice differentiable) and copied back: two extra copies instead of G calls.
     """
-    m, c, spatial = x.shape[0] // groups, x.shape[1], x.shape[2:]
-    xt = x.unflatten(0, (groups, m)).transpose(0, 1).reshape(m, groups * c, *spatial)
+    m, c, sp = x.shape[0] // groups, x.shape[1], x.shape[2:]
+    xt = x.unflatten(0, (groups, m)).transpose(0, 1).reshape(m, groups * c, *sp)
     rm = rv = None
     momentum = 0.0
     if stats is not None:
@@ -220,29 +204,84 @@ def _vectorized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: i
     b = bias.repeat(groups) if bias is not None else None
     yt = F.batch_norm(xt, rm, rv, w, b, True, momentum, eps)
     y = torch.empty_like(x)  # the input's memory format, filled by one copy
-    y.unflatten(0, (groups, m)).copy_(yt.view(m, groups, c, *spatial).transpose(0, 1))
-    if isinstance(stats, Sequential):
-        with torch.no_grad():  # BatchNorm's update, once per group in order (equal up to rounding)
-            for g, f in enumerate(stats.momenta):
-                stats.running_mean.mul_(1 - f).add_(moments.mean[g], alpha=f)
-                stats.running_var.mul_(1 - f).add_(moments.var[g], alpha=f)
+    y.unflatten(0, (groups, m)).copy_(yt.view(m, groups, c, *sp).transpose(0, 1))
+    if isinstance(stats, Sequential):  # BatchNorm's update, once per group in order (equal up to rounding)
+        apply_plan(stats, moments.mean, moments.var)
     return y
+
+
+def _chunks(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+            stats: Stats) -> Tensor:
+    """torch.batch_norm on each group under autograd, then one torch.cat: BatchNorm over the chunks.
+
+    No Python in the backward (one native batch-norm backward node per group), so it has the least
+    overhead per group; it pays a copy each way (cat forward, its split backward).
+    """
+    if isinstance(stats, Sequential):  # the real buffers, BatchNorm's own update per group: bit-identical
+        plan = [(stats.running_mean, stats.running_var, f) for f in stats.momenta]
+    elif isinstance(stats, Collect):  # momentum 1 on a zeroed row: the kernel writes the group's moments there
+        plan = list(zip(stats.mean.unbind(0), stats.var.unbind(0), [1.0] * groups))
+    else:
+        plan = [(None, None, 0.0)] * groups
+    # torch.batch_norm: F.batch_norm's Python checks cost more than the call on small groups.
+    cudnn = torch.backends.cudnn.enabled
+    return torch.cat([torch.batch_norm(xg, weight, bias, rm, rv, True, f, eps, cudnn)
+                      for xg, (rm, rv, f) in zip(x.chunk(groups), plan)])
+
+
+def _loop_row_moments(x: Tensor, impl: str) -> bool:
+    """Whether the loop's forward takes per-(sample, channel) row moments here (NCHW, long rows)."""
+    return (impl == "loop" and x.dim() > 2 and memory_format_of(x) == torch.contiguous_format
+            and spatial(x) >= _ROW_MOMENTS_MIN_SPATIAL)
+
+
+def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
+    """The kernel "auto" runs for this input (see the module docstring for the measurements)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return "vectorized"
+    if isinstance(stats, Sequential):
+        return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit
+    if x.dim() > 2 and spatial(x) > 1 and memory_format_of(x) == torch.contiguous_format:
+        return "rows"
+    if x.numel() // groups <= _COLS_MAX_GROUP_NUMEL:
+        return "cols"
+    return "chunks" if x.dim() == 2 or spatial(x) == 1 else "loop"
 
 
 def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                      stats: Stats = None, impl: str = "auto") -> Tensor:
     """Training-mode batch norm over each of `groups` contiguous batch blocks, then the affine."""
     if impl == "auto":
-        # The loop runs native CPU kernels for these dtypes; it pays ~10 us of dispatch per group and
-        # call, which tiny groups do not repay unless the policy needs its exact per-group updates.
-        use_loop = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and (
-            isinstance(stats, Sequential) or x.numel() // groups >= _LOOP_MIN_GROUP_NUMEL)
-        impl = "loop" if use_loop else "vectorized"
+        impl = choose_impl(x, groups, stats)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if isinstance(stats, Average) and impl in ("loop", "chunks", "vectorized"):
+        if impl != "vectorized" and 0.0 <= stats.factor <= 1.0 and not _loop_row_moments(x, impl):
+            # The native kernel updates the real buffers group by group; these factors make its G
+            # updates one step toward the mean of the group moments (see as_sequential): no extra ops.
+            stats = as_sequential(stats, groups)
+        else:  # collect the group moments into (G, C) rows, then apply the plan from them
+            moments = stats.running_mean.new_zeros((2, groups, x.shape[1]))  # zeroed: see Collect
+            y = ghost_batch_norm(x, groups, weight, bias, eps, Collect(moments[0], moments[1]), impl)
+            apply_plan(stats, moments[0], moments[1])
+            return y
     if impl == "vectorized":
         return _vectorized(x, weight, bias, groups, eps, stats)
-    if impl != "loop":
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "chunks":
+        return _chunks(x, weight, bias, groups, eps, stats)
     fmt = memory_format_of(x)
+    if impl == "rows":
+        if x.dim() < 3:
+            raise ValueError("impl='rows' needs an (M, C, *spatial) input; use 'cols' for (M, C)")
+        return RowsGhostBN.apply(x.contiguous(), weight, bias, groups, eps, stats)
+    if impl == "cols":
+        if x.dim() == 3 and x.shape[2] > 1:
+            raise ValueError("impl='cols' needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
+        if x.dim() > 2 and spatial(x) > 1:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        else:
+            x = x.contiguous()
+        return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
     if not x.is_contiguous(memory_format=fmt):
         x = x.contiguous()  # an arbitrary strided view: give the kernel dense groups
     return _LoopGhostBN.apply(x, weight, bias, groups, eps, stats)

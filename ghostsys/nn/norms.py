@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ghostsys.nn._ghost_kernels import IMPLS, Collect, Sequential, ghost_batch_norm
+from ghostsys.nn._ghost_kernels import IMPLS, Average, Sequential, ghost_batch_norm
 
 __all__ = ["GhostBatchNorm", "SeqNorm", "NoisyBatchNorm", "make_norm", "STATS_POLICIES", "NORM_KINDS"]
 
@@ -71,13 +71,18 @@ class GhostBatchNorm(_NormBase):
       (3) it is what data-parallel training with all-reduced (averaged) buffers gives.
     * ``"sequential"``: one update per group, in group order, ``num_batches_tracked += G``:
       exactly what ``nn.BatchNorm`` does under gradient accumulation over the same chunks
-      (bit-identical on the CPU ``"loop"`` implementation).
+      (bit-identical with the ``"chunks"`` and CPU ``"loop"`` kernels; ``"auto"`` takes chunks).
 
     ``momentum=None`` is the cumulative moving average (factor 1/num_batches_tracked, counted per
-    group under ``"sequential"``). ``impl`` picks the training kernel: ``"loop"`` (native kernels per
-    group; CPU float32/float64; first-order gradients only), ``"vectorized"`` (one BatchNorm call
-    over all groups via two copies; any device; twice differentiable), or ``"auto"``: the loop on CPU
-    for ghost groups of >= 4096 values or the sequential policy, else vectorized (so on CUDA).
+    group under ``"sequential"``). ``impl`` picks the training kernel (``ghostsys.nn._ghost_kernels``
+    documents each and the measurements behind ``"auto"``): ``"rows"`` (NCHW-like inputs) and
+    ``"cols"`` ((M, C) and channels_last) take all groups' moments in a few whole-tensor passes;
+    ``"loop"`` (a native kernel per group; CPU float32/float64) and ``"chunks"`` (BatchNorm on each
+    chunk, then a cat) run ATen's batch norm per group; these four give first-order gradients only.
+    ``"vectorized"`` (one BatchNorm call over all groups via two copies) is twice differentiable.
+    ``"auto"`` picks by measurement on CPU float32/float64 and takes ``"vectorized"`` elsewhere (so
+    on CUDA); with the sequential policy it takes the loop, whose buffer updates are BatchNorm's bit
+    for bit.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -160,26 +165,23 @@ class GhostBatchNorm(_NormBase):
                                 weight, bias, True, factor, self.eps)
         stats = None
         if tracking and self.stats_policy == "sequential":
-            momenta = [self._next_factor() for _ in range(groups)]
-            stats = Sequential(self.running_mean, self.running_var, momenta)
-        elif tracking:
-            factor = self._next_factor()
-            moments = self.running_mean.new_zeros((2, groups, self.num_features))  # zeroed: see Collect
-            stats = Collect(moments[0], moments[1])
-        y = ghost_batch_norm(x, groups, weight, bias, self.eps, stats, self.impl)
-        if isinstance(stats, Collect):
-            with torch.no_grad():  # one EMA step: running += factor * (mean group moment - running)
-                mean_moments = moments.mean(1)
-                self.running_mean.lerp_(mean_moments[0], factor)
-                self.running_var.lerp_(mean_moments[1], factor)
-        return y
+            stats = Sequential(self.running_mean, self.running_var, self._next_factors(groups))
+        elif tracking:  # one EMA step: running += factor * (mean group moment - running)
+            stats = Average(self.running_mean, self.running_var, self._next_factor())
+        return ghost_batch_norm(x, groups, weight, bias, self.eps, stats, self.impl)
 
     def _next_factor(self) -> float:
         """Count one update and return its EMA factor, as BatchNorm does for one forward."""
+        return self._next_factors(1)[0]
+
+    def _next_factors(self, k: int) -> list[float]:
+        """Count k updates and return their EMA factors, as BatchNorm does for k forwards (one add_)."""
         if self.num_batches_tracked is None:
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            return [0.0 if self.momentum is None else self.momentum] * k
+        # Read the count only when the factor needs it (a device sync on GPUs), as BatchNorm does.
+        n0 = int(self.num_batches_tracked) if self.momentum is None else 0
+        self.num_batches_tracked.add_(k)
+        return [1.0 / float(n0 + i) for i in range(1, k + 1)] if self.momentum is None else [self.momentum] * k
 
 
 class SeqNorm(GhostBatchNorm):

@@ -4,9 +4,11 @@ For each factorization (n_g = the launched processes, n_fp, G_layer, SyncBN bloc
 training machinery (config -> model -> mode -> engine -> ``train.train_step``) runs k SGD steps,
 and its first-step logits and loss, first-step gradients, weights after k steps and every rank's
 running statistics are compared with ``ghostsys.check.reference``: a single-process model built from
-plain tensor ops that normalizes explicit ghost-group index lists (DESIGN §2-§3). A negative
-control (full BatchNorm, G_M = 1, against the target G_M) must differ, so the checker can never
-pass by comparing a thing with itself.
+plain tensor ops that normalizes explicit ghost-group index lists (DESIGN §2-§3). float64 is held to
+the analytic 1e-10; below float64 each tolerance is derived in the run from the reference's own
+divergence in that precision (``ghostsys.check.tolerance``, once per distinct set of ghost groups).
+Negative controls (full BatchNorm, G_M = 1, against the target G_M; ``ghostsys.check.controls``)
+must differ, so the checker can never pass by comparing a thing with itself.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import torch
 
 from ghostsys.run import dist
 from ghostsys.check import reference as ref
+from ghostsys.check import tolerance as tl
 from ghostsys.run.config import ConfigError, RunConfig
 from ghostsys.run.data import fetch
 from ghostsys.nn.models import build_model
 from ghostsys.run.modes import norm_factory
-from ghostsys.check.report import Row, compare
+from ghostsys.check.controls import buffer_facts, control_rows
+from ghostsys.check.report import Row, Tolerance, compare
 from ghostsys.run.train import Setup, build, micro_batches, train_step
 
 INJECTIONS = ("", "interleaved", "no-nfp-scaling", "wrong-rank-buffers")
+CHECKED_PRECISIONS = ("float64", "float32", "tf32")  # bf16-autocast waits for the run's mixed-precision setting
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,9 @@ class CheckConfig:
     seed: int = 0
     """Seed for weights and data."""
     dtype: str = "auto"
-    """float64 (tolerance 1e-10 relative), float32 (summation-order tolerances), or auto: float64, except
-    float32 under DeepSpeed (which cannot train float64)."""
+    """float64 (analytic tolerance 1e-10 relative), float32 (tolerances derived in the run from the reference's
+    own float32-vs-float64 divergence), tf32 (CUDA only, derived likewise), or auto: float64, except float32
+    under DeepSpeed (which cannot train float64)."""
     engine: str = "accelerate"
     """Engine under test: accelerate or deepspeed."""
     zero_stage: int = 0
@@ -128,7 +134,7 @@ def run_config(c: CheckConfig, v: Variant, world: int) -> RunConfig:
                      ghost_groups=v.g_layer, channel_groups=c.channel_groups,
                      sync_group_size=v.k if v.mode == "syncbn" else 0, stats_policy=v.stats_policy,
                      buffer_sync=v.buffer_sync, world_size=world, max_steps=c.steps, lr=c.lr, momentum=c.momentum,
-                     weight_decay=c.weight_decay, seed=c.seed, dtype=c.dtype, zero_stage=c.zero_stage,
+                     weight_decay=c.weight_decay, seed=c.seed, dtype=tl.run_dtype(c.dtype), zero_stage=c.zero_stage,
                      progress=False).validate()
 
 
@@ -195,9 +201,9 @@ def observe(c: CheckConfig, s: Setup) -> Observed:
     return Observed(logits, loss.cpu(), grads, weights, buffers, time.perf_counter() - t0)
 
 
-def _reference(c: CheckConfig, cfg: RunConfig, s: Setup, groups: list[ref.GroupSpec]) -> ref.RefTrace:
-    """The independent reference for one variant: same initial weights, same global batches, explicit groups."""
-    torch.manual_seed(cfg.seed)  # the same initial weights the engine started from (built the same way)
+def reference_inputs(c: CheckConfig, cfg: RunConfig, s: Setup) -> tuple[torch.nn.Module, list[tuple]]:
+    """The initial model (built as the engine's was: same seed, so same weights) and the k global batches."""
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=s.meta["num_classes"], in_shape=tuple(s.meta["input_shape"]),
                         norm=norm_factory(cfg))
     batches = []
@@ -205,147 +211,118 @@ def _reference(c: CheckConfig, cfg: RunConfig, s: Setup, groups: list[ref.GroupS
         idx = s.order.global_batch(step)
         x, y = fetch(s.train_set, idx)
         batches.append((x.double(), y, idx))
-    trace = ref.reference_steps(model, batches, groups=groups, lr=c.lr, momentum=c.momentum,
-                                weight_decay=c.weight_decay, k_steps=c.steps, dtype=torch.float64)
-    trace.inputs = (model, batches)  # type: ignore[attr-defined]  # kept to rebuild the control cheaply
-    return trace
+    return model, batches
 
 
-def _reference_from(c: CheckConfig, cfg: RunConfig, trace: ref.RefTrace, groups: list[ref.GroupSpec]) -> ref.RefTrace:
-    """Another reference over the same initial model and batches, with other ghost groups."""
-    model, batches = trace.inputs  # type: ignore[attr-defined]
+def reference(c: CheckConfig, model: torch.nn.Module, batches: list[tuple], groups: list[ref.GroupSpec]) -> ref.RefTrace:
+    """The float64 reference over explicit ghost groups, k steps."""
     return ref.reference_steps(model, batches, groups=groups, lr=c.lr, momentum=c.momentum,
-                               weight_decay=c.weight_decay, k_steps=1, dtype=torch.float64)
+                               weight_decay=c.weight_decay, k_steps=c.steps, dtype=torch.float64)
 
 
-def _expected_buffers(trace: ref.RefTrace, cfg: RunConfig, rank: int) -> tuple[dict, str]:
-    """The buffers rank `rank` must end with, and the policy's name, under this variant's settings."""
+def _norm_signature(model: torch.nn.Module) -> tuple:
+    """What the reference takes from the norm layers besides their groups (eps, momentum, channel groups)."""
+    return tuple((n, float(m.eps), m.momentum, getattr(m, "channel_groups", 0))
+                 for n, m in model.named_modules() if hasattr(m, "running_mean"))
+
+
+def expected_policy(cfg: RunConfig, rank: int) -> tuple[Any, str]:
+    """The buffer policy rank `rank` must end with under this variant's settings, and its name."""
     per_rank_policy = ref.sequential if (cfg.layer_groups == 1 or cfg.stats_policy == "sequential") else ref.mean_of_groups
     pname = "sequential" if per_rank_policy is ref.sequential else "mean"
     if cfg.world_size == 1:
-        return trace.buffers(per_rank_policy), pname
+        return per_rank_policy, pname
     if cfg.buffer_sync == "allreduce":
-        return trace.buffers(partial(ref.allreduce_mean, policy=per_rank_policy)), f"allreduce-mean of per-rank {pname}"
+        return partial(ref.allreduce_mean, policy=per_rank_policy), f"allreduce-mean of per-rank {pname}"
     if cfg.engine == "accelerate":  # DDP broadcast_buffers=True
-        return (trace.buffers(partial(ref.ddp_broadcast, rank=rank, policy=per_rank_policy)),
-            f"ddp-broadcast(rank {rank}) of {pname}")
-    return trace.buffers(partial(ref.per_rank, rank=rank, policy=per_rank_policy)), f"per-rank {pname} (never synced)"
-
-
-def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo) -> tuple[list[Row], Observed, ref.RefTrace]:
-    """Run one variant and compare it with its reference; rows for forward, grads, weights, buffers."""
-    cfg = run_config(c, v, info.world_size)
-    s = build(cfg, info)
-    got = observe(c, s)
-    groups = ref.ghost_group_indices(c.batch_size, info.world_size, v.nfp, v.g_layer, v.k)
-    trace = _reference(c, cfg, s, groups)
-    meta = dict(mode=v.mode, engine=c.engine, factorization=v.label(info.world_size))
-    # One tag for every row of the variant: its layer policy (ghost layers only) and buffer handling.
-    pol = (f"stats {v.stats_policy}, " if cfg.layer_groups > 1 else "") + f"buffers {v.buffer_sync}"
-    rows = [compare("logits", got.logits, trace.logits, c.dtype, policy=pol, **meta),
-            compare("loss", got.loss, trace.loss, c.dtype, policy=pol, **meta)]
-    if got.grads is not None:
-        rows.append(compare("grads", got.grads, trace.grads, c.dtype, policy=pol, **meta))
-    rows.append(compare("weights", got.weights, trace.weights, c.dtype, policy=pol, note=f"after {c.steps} steps", **meta))
-    for rank, bufs in enumerate(got.buffers):
-        expected, pname = _expected_buffers(trace, cfg, rank)
-        rows.append(compare(f"buffers rank {rank}", bufs, expected, c.dtype, quantity="buffers", section="buffers",
-                            policy=pol, note=f"expected: {pname}", **meta))
-    return rows, got, trace
-
-
-def control_rows(c: CheckConfig, trace_target: ref.RefTrace, cfg: RunConfig) -> list[Row]:
-    """Negative control: full BatchNorm (G_M = 1) against the target G_M; it must differ clearly."""
-    full = _reference_from(c, cfg, trace_target, ref.ghost_group_indices(c.batch_size, 1, 1, 1))
-    meta = dict(mode="control", engine="reference", factorization=f"G_M=1 vs G_M={c.target_gm}")
-    return [compare("logits", full.logits, trace_target.logits, c.dtype, control=True, **meta),
-            compare("grads", full.grads, trace_target.grads, c.dtype, control=True, **meta)]
+        return partial(ref.ddp_broadcast, rank=rank, policy=per_rank_policy), f"ddp-broadcast(rank {rank}) of {pname}"
+    return partial(ref.per_rank, rank=rank, policy=per_rank_policy), f"per-rank {pname} (never synced)"
 
 
 @dataclass
 class Result:
-    """One variant's run: its config, what it produced and its reference."""
+    """One variant's run: its config, what it produced, its reference, and the tolerances it was held to."""
 
     variant: Variant
     cfg: RunConfig
     got: Observed
     trace: ref.RefTrace
+    derivation: tl.Derivation
+    buffer_tols: list[Tolerance]  # per rank
+    inputs: tuple[torch.nn.Module, list[tuple]]  # the reference's initial model and batches
 
 
-def _find(results: list[Result], **want: Any) -> Result | None:
-    for r in results:
-        if all(getattr(r.variant, k) == v for k, v in want.items()):
-            return r
-    return None
+def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo, p: tl.Precision,
+                  derivations: dict) -> tuple[list[Row], Result]:
+    """Run one variant and compare it with its reference; rows for forward, grads, weights, buffers.
 
-
-def buffer_facts(c: CheckConfig, results: list[Result], world: int) -> list[Row]:
-    """The running-statistics section: plain-word statements, each backed by a measured comparison.
-
-    A statement that says two things AGREE is a normal row (error within tolerance); one that says
-    they DIFFER is a control row (must differ by > 100x tolerance). Either failing fails the check.
+    Below float64 the tolerances come from `derivations` (one per distinct set of ghost groups,
+    derived the first time a variant needs it).
     """
-    rows: list[Row] = []
-    meta = dict(engine=c.engine, quantity="buffers")
+    cfg = run_config(c, v, info.world_size)
+    s = build(cfg, info)
+    with p.context(info.device):
+        got = observe(c, s)
+    groups = ref.ghost_group_indices(c.batch_size, info.world_size, v.nfp, v.g_layer, v.k)
+    model, batches = reference_inputs(c, cfg, s)
+    # Factorizations with the same ghost groups (and norm layers) are ONE computation of the reference:
+    # run it (and its draws below float64) once, relabel the group metadata for the others.
+    key = (tl.partition(groups), _norm_signature(model))
+    if key not in derivations:
+        trace = reference(c, model, batches, groups)
+        derivations[key] = tl.derive(p, model, batches, groups, trace, lr=c.lr, momentum=c.momentum,
+                                     weight_decay=c.weight_decay, k_steps=c.steps, device=info.device,
+                                     name=f"ghost groups of {v.label(info.world_size)}")
+    d = derivations[key]
+    trace = d.exact.with_groups(groups)
+    model, batches = d.inputs
+    meta = dict(mode=v.mode, engine=c.engine, factorization=v.label(info.world_size))
+    # One tag for every row of the variant: its layer policy (ghost layers only) and buffer handling.
+    pol = (f"stats {v.stats_policy}, " if cfg.layer_groups > 1 else "") + f"buffers {v.buffer_sync}"
+    rows = [compare("logits", got.logits, trace.logits, d.tolerance("logits"), policy=pol, **meta),
+            compare("loss", got.loss, trace.loss, d.tolerance("loss", terms=c.batch_size), policy=pol, **meta)]
+    if got.grads is not None:
+        rows.append(compare("grads", got.grads, trace.grads, d.tolerance("grads"), policy=pol, **meta))
+    rows.append(compare("weights", got.weights, trace.weights, d.tolerance("weights"), policy=pol,
+                        note=f"after {c.steps} steps", **meta))
+    buffer_tols = []
+    for rank, bufs in enumerate(got.buffers):
+        policy, pname = expected_policy(cfg, rank)
+        tol = d.tolerance("buffers", lambda tr, policy=policy: tr.with_groups(groups).buffers(policy),
+                          label=f"buffers, {v.label(info.world_size)}: {pname}")
+        buffer_tols.append(tol)
+        rows.append(compare(f"buffers rank {rank}", bufs, trace.buffers(policy), tol, quantity="buffers",
+                            section="buffers", policy=pol, note=f"expected: {pname}", **meta))
+    return rows, Result(v, cfg, got, trace, d, buffer_tols, (model, batches))
 
-    def fact(text: str, got: dict, expected: dict, r: Result, agree: bool) -> None:
-        row = compare(text, got, expected, c.dtype, mode=r.variant.mode, control=not agree,
-                      factorization=r.variant.label(world), note=text, **meta)
-        row.section = "facts"  # reported in words, below the table; still counted by exit_code
-        row.policy = "must agree" if agree else "must differ (> 100x tol)"
-        rows.append(row)
 
-    if world == 1:
-        seq = _find(results, stats_policy="sequential", mode="layer", nfp=1)
-        mean = _find(results, stats_policy="mean", mode="layer", nfp=1)
-        acc = _find(results, mode="accumulate", g_layer=1)
-        if seq and acc:
-            fact("the `sequential` layer policy gives the running statistics of BatchNorm under accumulation",
-                 seq.got.buffers[0], acc.got.buffers[0], seq, agree=True)
-        if mean and acc:
-            fact("the `mean` layer policy does NOT give accumulation's running statistics (one EMA step per "
-                 "forward instead of one per group)", mean.got.buffers[0], acc.got.buffers[0], mean, agree=False)
-        return rows
-    engine_run = _find(results, g_layer=1, k=1, buffer_sync="engine")
-    if engine_run is not None:
-        everything = engine_run.trace.buffers(ref.sequential)
-        if c.engine == "accelerate":
-            fact("DDP (broadcast_buffers=True) keeps only rank 0's ghost groups in rank 0's buffers: they "
-                 "differ from BatchNorm's EMA over all ranks' groups", engine_run.got.buffers[0], everything,
-                 engine_run, agree=False)
-        else:
-            fact("DeepSpeed never syncs buffers: rank 0's and rank 1's running statistics drift apart",
-                 engine_run.got.buffers[0], engine_run.got.buffers[1], engine_run, agree=False)
-    ar = _find(results, mode="layer", stats_policy="mean", buffer_sync="allreduce")
-    if ar is not None:
-        fact("--buffer-sync allreduce makes data parallel equal the single-process `mean` policy over all G_M groups",
-             ar.got.buffers[0], ar.trace.buffers(ref.mean_of_groups), ar, agree=True)
-    return rows
-
-
-def run_checks(c: CheckConfig, info: dist.DistInfo, progress: Any = print) -> tuple[list[Row], list[dict]]:
-    """All variants, their comparisons, the running-statistics facts and the control; rows and timings."""
+def run_checks(c: CheckConfig, info: dist.DistInfo,
+               progress: Any = print) -> tuple[list[Row], list[dict], list[tl.Derivation]]:
+    """All variants, their comparisons, the running-statistics facts and the controls; rows, timings, derivations."""
     if c.inject not in INJECTIONS:
         raise ConfigError(f"--inject {c.inject!r} is unknown; choose one of {', '.join(INJECTIONS[1:])} (or none)")
     todo = variants(c, info.world_size)
     if not todo:
         raise ConfigError(f"no factorization of G_M={c.target_gm} with M={c.batch_size} fits {info.world_size} "
                           f"process(es); choose --target-gm a multiple of the world size dividing M")
+    p = tl.precision(c.dtype)
     rows: list[Row] = []
     results: list[Result] = []
+    derivations: dict = {}
     for v in todo:
         label = f"{v.mode:<10} {v.label(info.world_size)}  stats={v.stats_policy} buffer-sync={v.buffer_sync}"
         if info.is_main:
             progress(f"checking {label}")
-        vrows, got, trace = check_variant(c, v, info)
+        vrows, result = check_variant(c, v, info, p, derivations)
         rows += vrows
-        results.append(Result(v, run_config(c, v, info.world_size), got, trace))
-    first = results[0]
-    rows += control_rows(c, first.trace, first.cfg)
+        results.append(result)
+    rows += control_rows(c, results[0])
     rows += buffer_facts(c, results, info.world_size)
     timings = [{"variant": f"{r.variant.mode} {r.variant.label(info.world_size)} stats={r.variant.stats_policy} "
                            f"buffer-sync={r.variant.buffer_sync}", "seconds": round(r.got.seconds, 3)} for r in results]
-    return rows, timings
+    timings += [{"variant": f"tolerance derivation ({d.name})", "seconds": round(d.seconds, 3)}
+                for d in derivations.values() if d.precision.derived]
+    return rows, timings, list(derivations.values())
 
 
 def with_world(c: CheckConfig, world: int) -> CheckConfig:
@@ -356,8 +333,12 @@ def with_world(c: CheckConfig, world: int) -> CheckConfig:
         raise ConfigError(f"--norm {c.norm!r}: the checker covers batch (BatchNorm/GhostNorm) and seq (SeqNorm)")
     if c.dtype == "auto":
         c = replace(c, dtype="float32" if c.engine == "deepspeed" else "float64")
-    if c.dtype not in ("float64", "float32"):
-        raise ConfigError(f"--dtype {c.dtype!r}: choose float64, float32 or auto")
+    if c.dtype not in CHECKED_PRECISIONS:
+        more = (f"; {c.dtype} tolerances can be derived (ghostsys.check.tolerance) but the training run has no "
+                "setting for it yet") if c.dtype in tl.PRECISIONS else ""
+        raise ConfigError(f"--dtype {c.dtype!r}: choose {', '.join(CHECKED_PRECISIONS)} or auto{more}")
+    if c.dtype == "tf32" and not torch.cuda.is_available():
+        raise ConfigError("--dtype tf32 exists on CUDA GPUs only (CPU float32 matmuls are IEEE); use --dtype float32")
     if c.target_gm < 2:
         raise ConfigError("--target-gm must be >= 2 (G_M = 1 is the negative control)")
     return c
@@ -365,40 +346,39 @@ def with_world(c: CheckConfig, world: int) -> CheckConfig:
 
 def check(c: CheckConfig) -> int:
     """Run the checker on the launched processes; print the report on rank 0; return the exit code."""
-    import dataclasses
-
-    from ghostsys.check.report import exit_code, markdown_table, summary, tolerance_table, write_rows
-    from ghostsys.run.rundir import RunDir, environment
-
     info = dist.init(device="cpu" if not torch.cuda.is_available() else None)
     try:
-        c = with_world(c, info.world_size)
-        if info.is_main:
-            print(f"ghostsys check: model={c.model} norm={c.norm} M={c.batch_size} target G_M={c.target_gm} "
-                  f"k={c.steps} steps dtype={c.dtype} engine={c.engine} n_g={info.world_size}", flush=True)
-        t0 = time.perf_counter()
-        rows, timings = run_checks(c, info, progress=lambda m: print(m, flush=True))
-        wall = time.perf_counter() - t0
-        code = exit_code(rows)
-        if info.is_main:
-            out = RunDir(c.out or f"runs/check-{c.engine}-ng{info.world_size}-{c.norm}-{c.dtype}"
-                         + (f"-inject-{c.inject}" if c.inject else ""))
-            out.write_config(dataclasses.asdict(c) | {"world_size": info.world_size})
-            out.write_env(environment() | {"device": str(info.device)})
-            write_rows(rows, out.path)
-            facts = [r for r in rows if r.section == "facts"]
-            print("\n## Comparisons\n\n" + markdown_table([r for r in rows if r.section != "facts"]), flush=True)
-            print("\n## Running statistics, in words\n", flush=True)
-            for r in facts:
-                verdict = "holds" if r.passed else "DOES NOT HOLD"
-                print(f"- {r.quantity}: measured max rel. difference {r.max_rel:.2e}, {r.policy}, tol {r.tol:.0e} "
-                      f"-> {verdict}", flush=True)
-            print("\n## Tolerances\n\n" + tolerance_table(), flush=True)
-            print("\n## Time per variant (s)\n\n" + "\n".join(f"- {t['variant']}: {t['seconds']}" for t in timings), flush=True)
-            out.write_summary(summary(rows) | {"seconds": round(wall, 2), "exit_code": code, "timings": timings,
-                                               "world_size": info.world_size, "engine": c.engine})
-            print(f"\n{'PASS' if code == 0 else 'FAIL'}: {len(rows)} comparisons in {wall:.1f} s; rows in {out.path}",
-                  flush=True)
-        return code
+        return check_on(c, info)
     finally:
         dist.shutdown()
+
+
+def check_on(c: CheckConfig, info: dist.DistInfo) -> int:
+    """check() inside an existing launch (several checks may share one): run, print and write on rank 0."""
+    import dataclasses
+
+    from ghostsys.check.report import exit_code, render, summary, write_rows
+    from ghostsys.run.rundir import RunDir, environment
+
+    c = with_world(c, info.world_size)
+    if info.is_main:
+        print(f"ghostsys check: model={c.model} norm={c.norm} M={c.batch_size} target G_M={c.target_gm} "
+              f"k={c.steps} steps dtype={c.dtype} engine={c.engine} n_g={info.world_size}", flush=True)
+    t0 = time.perf_counter()
+    rows, timings, derivations = run_checks(c, info, progress=lambda m: print(m, flush=True))
+    wall = time.perf_counter() - t0
+    code = exit_code(rows, injected=bool(c.inject))
+    if info.is_main:
+        out = RunDir(c.out or f"runs/check-{c.engine}-ng{info.world_size}-{c.norm}-{c.dtype}"
+                     + (f"-inject-{c.inject}" if c.inject else ""))
+        out.write_config(dataclasses.asdict(c) | {"world_size": info.world_size})
+        out.write_env(environment() | {"device": str(info.device)})
+        write_rows(rows, out.path)
+        tols = [t for d in derivations for t in d.tolerances()]
+        print(render(rows, tols, timings, code, inject=c.inject, precision=c.dtype), flush=True)
+        out.write_summary(summary(rows) | {
+            "seconds": round(wall, 2), "exit_code": code, "timings": timings, "world_size": info.world_size,
+            "engine": c.engine, "precision": c.dtype, "safety_factor": tl.SAFETY_FACTOR,
+            "dither_ulps": tl.DITHER_ULPS, "tolerances": [dataclasses.asdict(t) for t in tols]})
+        print(f"rows in {out.path} ({wall:.1f} s)", flush=True)
+    return code

@@ -6,6 +6,11 @@ rebuilt from plain tensor ops and autograd, and ONE forward over the full global
 explicit ghost-group index lists stands in for any factorization ``n_g × n_fp × G_layer`` (and
 SyncBN over ``k``-rank subgroups). Running statistics are where the modes genuinely differ, so the
 layers only record per-group moments and the buffer policies are pure functions of those records.
+
+A :class:`Rounding` makes a run in float32 (or bf16, TF32) one more equally valid evaluation of the
+same mathematics -- another sample order, the fused normalization form, randomly rounded group
+statistics -- so that ``ghostsys.check.tolerance`` can measure how far that precision moves each
+quantity. The float64 evaluation never uses one.
 """
 
 from __future__ import annotations
@@ -14,60 +19,42 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ghostsys.check.report import TOLERANCES, Row, compare, tolerance  # noqa: F401 -- part of this API
-
-Buffers = dict[str, Tensor]  # running_mean, running_var, num_batches_tracked
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: tensor fields have no boolean equality
-class GroupSpec:
-    """One ghost group: global sample positions, the ranks holding them, micro-batch, layer group."""
-
-    indices: Tensor
-    ranks: tuple[int, ...]
-    micro: int
-    layer_group: int
+from ghostsys.check.ghost_groups import (Buffers, GroupSpec, GroupStat, Policy, allreduce_mean,  # noqa: F401
+                                         ddp_broadcast, ghost_group_indices, mean_of_groups, per_rank, sequential)
 
 
-def ghost_group_indices(M: int, n_g: int, n_fp: int, g_layer: int, k: int = 1) -> list[GroupSpec]:
-    """The explicit ghost groups of a factorization, in the order BatchNorm meets them (DESIGN §2)."""
-    for name, v in (("M", M), ("n_g", n_g), ("n_fp", n_fp), ("g_layer", g_layer), ("k", k)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer (got {v!r})")
-    if n_g % k:
-        raise ValueError(f"SyncBN subgroup size k={k} must divide the number of ranks n_g={n_g}")
-    if M % (n_g * n_fp * g_layer):
-        raise ValueError(f"M={M} is not divisible by n_g·n_fp·G_layer = {n_g}·{n_fp}·{g_layer} = {n_g * n_fp * g_layer}")
-    per_rank, micro = M // n_g, M // (n_g * n_fp)
-    size = micro // g_layer
-    groups = []
-    for first in range(0, n_g, k):  # subgroup-major (= rank-major when k == 1)
-        ranks = tuple(range(first, first + k))
-        for i in range(n_fp):
-            for j in range(g_layer):
-                # SyncBN gathers micro-batch i / group j of every rank in the subgroup: with
-                # n_fp > 1 these blocks are not adjacent in the global order.
-                idx = torch.cat([torch.arange(size) + r * per_rank + i * micro + j * size for r in ranks])
-                groups.append(GroupSpec(idx, ranks, i, j))
-    return groups
+@dataclass(frozen=True)
+class Rounding:
+    """One equally valid evaluation order of the reference, for a run below float64 (tolerance draws).
 
+    ``permute_seed``: the global batch in a seeded random sample order (every reduction over samples
+    -- group moments, the loss mean, weight gradients -- sums in another order; groups keep their
+    members). ``fused``: normalize as ``x * scale + shift`` with ``scale = w / sqrt(var + eps)``, the
+    form fused kernels (ATen, cuDNN, ghostsys' loop kernel) use, instead of ``(x - mean) / sqrt(var + eps)
+    * w + b``. ``dither`` (needs ``fused``): every group's mean moves by ``±dither * (|mean| + std)``, its
+    variance by ``±dither`` relative, and every normalized value by ``±dither * (|x * scale| + |shift|)``
+    -- the size of the roundings a fused float32 kernel makes there -- with random signs from
+    ``seed``; ``sign = -1`` negates every one of them (the antithetic partner).
+    """
 
-@dataclass(frozen=True, eq=False)
-class GroupStat:
-    """Moments one group fed to the running statistics: mean, UNBIASED variance, values per channel."""
+    permute_seed: int | None = None
+    fused: bool = False
+    dither: float = 0.0
+    seed: int = 0
+    sign: int = 1
 
-    spec: GroupSpec
-    mean: Tensor
-    var: Tensor
-    count: int
-    step: int = 0
+    def __post_init__(self) -> None:
+        if self.dither and not self.fused:
+            raise ValueError("dither perturbs the fused normalization's roundings: set fused=True")
+        if self.sign not in (1, -1):
+            raise ValueError(f"sign must be +1 or -1 (got {self.sign!r})")
 
 
 def _group_normalize(x: Tensor, groups: int, eps: float) -> Tensor:
@@ -99,25 +86,37 @@ class RefNorm(nn.Module):
             self.register_buffer(name, None if buf is None else buf.detach().clone())
         self.groups: list[GroupSpec] | None = None  # set from outside by groups_set
         self.records: list[GroupStat] = []
+        self.rounding = Rounding()  # set from outside by reference_steps
+        self.noise: torch.Generator | None = None  # the dither's random stream, shared by all layers
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize x (M, C, *spatial); in training each explicit group on its own."""
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # autocast: statistics in float32, as torch's kernels do
+            x = x.float()
         if self.channel_groups:
             x = _group_normalize(x, self.channel_groups, self.eps)
+        fused = False
         if self.kind != "group":
             if self.training or getattr(self, "running_mean", None) is None:
-                x = self._ghost(x)
+                x, fused = self._ghost(x), self.rounding.fused
             else:
                 x = (x - self.running_mean.view(shape)) / torch.sqrt(self.running_var.view(shape) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight.view(shape)
-        if self.bias is not None:
-            x = x + self.bias.view(shape)
+        if not fused:  # the fused form applied the affine already
+            if self.weight is not None:
+                x = x * self.weight.view(shape)
+            if self.bias is not None:
+                x = x + self.bias.view(shape)
         for name in _POST_NORM:  # the replaced layer's own drop and act, if it had them
             if self._modules.get(name) is not None:
                 x = self._modules[name](x)
-        return x
+        return x.to(dtype)
+
+    def _signs(self, like: Tensor) -> Tensor:
+        """Random ±1 shaped like `like` (negated in the antithetic draw), from the shared seeded stream."""
+        s = torch.randint(0, 2, like.shape, generator=self.noise).to(like) * 2 - 1
+        return s * self.rounding.sign
 
     def _ghost(self, x: Tensor) -> Tensor:
         m = x.shape[0]
@@ -138,7 +137,21 @@ class RefNorm(nn.Module):
             mu = xg.mean(dims, keepdim=True)
             xc = xg - mu
             var = (xc * xc).mean(dims, keepdim=True)  # BIASED: the normalization of paper eq. 2-3
-            pieces.append(xc / torch.sqrt(var + self.eps))
+            r = self.rounding
+            if r.dither:  # moments as another rounding of the same sums could have left them
+                mu = mu + r.dither * self._signs(mu) * (mu.abs() + var.sqrt())
+                var = var * (1 + r.dither * self._signs(var))
+                xc = xg - mu
+            if r.fused:
+                shape = mu.shape
+                scale = torch.rsqrt(var + self.eps) * (1 if self.weight is None else self.weight.view(shape))
+                shift = -mu * scale if self.bias is None else self.bias.view(shape) - mu * scale
+                a = xg * scale
+                if r.dither:  # and each output as the kernel's own roundings could have left it
+                    a = a + r.dither * self._signs(a) * (a.abs() + shift.abs())
+                pieces.append(a + shift)
+            else:
+                pieces.append(xc / torch.sqrt(var + self.eps))
             # Running statistics take the UNBIASED variance, as BatchNorm's do.
             self.records.append(GroupStat(g, mu.detach().flatten(), (var * (n / (n - 1))).detach().flatten(), n))
         return torch.cat(pieces).index_select(0, torch.argsort(perm).to(x.device))
@@ -218,100 +231,6 @@ def groups_set(ref: nn.Module, groups: list[GroupSpec] | None) -> Iterator[nn.Mo
             m.groups = g
 
 
-# --- running-statistics policies: pure functions of the recorded group moments -------------------
-# A policy takes one layer's GroupStats over all steps (in the order BatchNorm met them), its buffers
-# before step 0 and its momentum (None: cumulative average), and returns the buffers it ends with.
-Policy = Callable[..., Buffers]
-
-
-def _ema(init: Buffers, updates: Sequence[tuple[Tensor, Tensor]], momentum: float | None) -> Buffers:
-    """BatchNorm's buffer update, once per (mean, unbiased var) pair."""
-    if init.get("running_mean") is None:
-        return {}  # track_running_stats=False: nothing to update
-    rm, rv, nbt = init["running_mean"].clone(), init["running_var"].clone(), init.get("num_batches_tracked")
-    n = int(nbt) if nbt is not None else 0
-    for mean, var in updates:
-        n += 1
-        f = 1.0 / n if momentum is None else momentum  # torch: momentum None -> 1/num_batches_tracked
-        rm = (1 - f) * rm + f * mean.to(rm.dtype)
-        rv = (1 - f) * rv + f * var.to(rv.dtype)
-    out = {"running_mean": rm, "running_var": rv}
-    if nbt is not None:
-        out["num_batches_tracked"] = torch.tensor(n, dtype=nbt.dtype)
-    return out
-
-
-def sequential(stats: Sequence[GroupStat], init: Buffers, momentum: float | None) -> Buffers:
-    """One EMA update per group, in order: BatchNorm under accumulation; GhostBatchNorm "sequential"."""
-    return _ema(init, [(s.mean, s.var) for s in stats], momentum)
-
-
-def mean_of_groups(stats: Sequence[GroupStat], init: Buffers, momentum: float | None, per: str = "forward") -> Buffers:
-    """One update per forward (per="forward") or step ("step") from the mean of group means and of
-    group unbiased variances: GhostBatchNorm "mean". With n_fp = 1 the two coincide."""
-    if per not in ("forward", "step"):
-        raise ValueError(f"per must be 'forward' or 'step' (got {per!r})")
-    buckets: dict[tuple, list[GroupStat]] = {}
-    for s in stats:
-        buckets.setdefault((s.step, s.spec.micro) if per == "forward" else (s.step,), []).append(s)
-    return _ema(init, [(torch.stack([s.mean for s in b]).mean(0), torch.stack([s.var for s in b]).mean(0))
-                       for b in buckets.values()], momentum)
-
-
-def _own(stats: Sequence[GroupStat], rank: int) -> list[GroupStat]:
-    return [s for s in stats if rank in s.spec.ranks]
-
-
-def per_rank(stats: Sequence[GroupStat], init: Buffers, momentum: float | None, rank: int,
-             policy: Policy = sequential) -> Buffers:
-    """Rank `rank`'s buffers when ranks never sync them (DeepSpeed; DDP broadcast_buffers=False)."""
-    return policy(_own(stats, rank), init, momentum)
-
-
-def ddp_broadcast(stats: Sequence[GroupStat], init: Buffers, momentum: float | None, rank: int = 0,
-                  policy: Policy = sequential, every_forward: bool = False) -> Buffers:
-    """Rank `rank`'s buffers under DDP broadcast_buffers=True.
-
-    Rank 0 holds the policy over rank 0's groups only (being overwritten by itself changes nothing),
-    however often the broadcast happens. Another rank holds rank 0's buffers as of the last
-    broadcast, then its own updates since. torch 2.13 broadcasts before a forward only if the
-    previous forward was a synced one (``require_forward_param_sync``), so with accumulation under
-    ``no_sync`` it broadcasts once per step, before micro-batch 0 (the default here);
-    ``every_forward=True`` models a broadcast before every micro-batch. With n_fp = 1 both agree.
-    """
-    src = _own(stats, 0)
-    own = _own(stats, rank)
-    if rank == 0 or not own:
-        return policy(src, init, momentum)
-    key = lambda s: (s.step, s.spec.micro)  # noqa: E731 -- the forward a group belongs to
-    cut = key(own[-1]) if every_forward else (own[-1].step, 0)
-    base = policy([s for s in src if key(s) < cut], init, momentum)
-    return policy([s for s in own if key(s) >= cut], base, momentum)
-
-
-def allreduce_mean(stats: Sequence[GroupStat], init: Buffers, momentum: float | None,
-                   policy: Policy = sequential) -> Buffers:
-    """Mean over ranks of every rank's buffers after each step (ghostsys --buffer-sync allreduce).
-
-    Equals ``mean_of_groups`` over all groups when each rank's policy is the mean policy (the EMA is
-    affine in the moments); it does NOT equal ``sequential`` over all groups in general.
-    """
-    ranks = sorted({r for s in stats for r in s.spec.ranks})
-    cur = init
-    for t in sorted({s.step for s in stats}):
-        bufs = [policy(_own([s for s in stats if s.step == t], r), cur, momentum) for r in ranks]
-        cur = {}
-        for name in bufs[0]:
-            vals = torch.stack([b[name] for b in bufs])
-            if vals.is_floating_point():
-                cur[name] = vals.mean(0)
-            elif bool((vals == vals[0]).all()):  # counters are not averaged; ranks must agree
-                cur[name] = vals[0]
-            else:
-                raise ValueError(f"ranks disagree on {name}: {vals.tolist()}")
-    return cur
-
-
 @dataclass
 class RefTrace:
     """What the reference computed; parameter/buffer names are the ORIGINAL model's."""
@@ -325,6 +244,21 @@ class RefTrace:
     groups: list[GroupSpec] | None
     initial_buffers: dict[str, Buffers] = field(default_factory=dict)  # layer path -> before step 0
     momenta: dict[str, float | None] = field(default_factory=dict)
+
+    def with_groups(self, groups: list[GroupSpec]) -> "RefTrace":
+        """The same trace with its records relabelled to another factorization of the SAME ghost groups.
+
+        Two factorizations with equal index sets normalize identically; only the group metadata the
+        buffer policies read (ranks, micro-batch, order met) differs, so one run serves both.
+        """
+        key = lambda g: tuple(g.indices.tolist())  # noqa: E731
+        by_key = {key(g): g for g in groups}
+        if self.groups is None or set(by_key) != {key(g) for g in self.groups}:
+            raise ValueError("with_groups needs the same ghost groups (index sets) the trace was run with")
+        rank = {key(g): i for i, g in enumerate(groups)}
+        stats = [{path: sorted((dataclasses.replace(s, spec=by_key[key(s.spec)]) for s in recs),
+                               key=lambda s: rank[key(s.spec)]) for path, recs in step.items()} for step in self.stats]
+        return dataclasses.replace(self, stats=stats, groups=list(groups))
 
     def layer_stats(self, layer: str) -> list[GroupStat]:
         """One layer's group moments over all steps, in the order they were met."""
@@ -359,13 +293,31 @@ def sgd_update_(params: Sequence[tuple[str, nn.Parameter]], state: dict[str, Ten
 
 def reference_steps(model: nn.Module, batches: Sequence[tuple], *, groups: list[GroupSpec] | None, lr: float,
                     momentum: float = 0.0, weight_decay: float = 0.0, k_steps: int = 1,
-                    dtype: torch.dtype = torch.float64) -> RefTrace:
-    """k SGD steps of the reference on full global batches (x, y[, ids]) normalized in `groups`."""
+                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                    rounding: Rounding | None = None) -> RefTrace:
+    """k SGD steps of the reference on full global batches (x, y[, ids]) normalized in `groups`.
+
+    `rounding` (runs below float64 only) picks another equally valid evaluation order; the trace is
+    reported in the original sample order and group specs either way.
+    """
     if len(batches) < k_steps:
         raise ValueError(f"{k_steps} steps need {k_steps} batches (got {len(batches)})")
-    ref = to_reference(model).to(dtype).train()
+    rounding = rounding or Rounding()
+    ref = to_reference(model).to(device=device, dtype=dtype).train()
     params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]  # names are the model's
     layers = reference_layers(ref)
+    noise = torch.Generator().manual_seed(rounding.seed)
+    for m in ref.modules():
+        if isinstance(m, RefNorm):
+            m.rounding, m.noise = rounding, noise
+    perm = run_groups = None
+    if rounding.permute_seed is not None:
+        if groups is None:
+            raise ValueError("a permuted sample order needs explicit ghost groups (the layers' own split would change)")
+        perm = torch.randperm(len(batches[0][1]), generator=torch.Generator().manual_seed(rounding.permute_seed))
+        inv = torch.argsort(perm)  # original sample i sits at position inv[i]
+        run_groups = [dataclasses.replace(g, indices=inv[g.indices]) for g in groups]
+        original = {id(r): g for r, g in zip(run_groups, groups)}
     trace = RefTrace(torch.empty(0), torch.empty(0), {}, {}, [], [], groups)
     for path, layer in layers.items():
         bufs = {n: getattr(layer, n, None) for n in ("running_mean", "running_var", "num_batches_tracked")}
@@ -374,15 +326,22 @@ def reference_steps(model: nn.Module, batches: Sequence[tuple], *, groups: list[
     state: dict[str, Tensor] = {}
     for step in range(k_steps):
         x, y, *rest = batches[step]
-        x = x.to(dtype) if x.is_floating_point() else x
+        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        y = y.to(device)
+        if perm is not None:
+            x, y = x[perm.to(x.device)], y[perm.to(y.device)]
         for layer in layers.values():
             layer.records = []
-        with groups_set(ref, groups):
+        with groups_set(ref, run_groups if perm is not None else groups):
             logits = ref(x)
         loss = cross_entropy(logits, y)
         for _, p in params:
             p.grad = None
         loss.backward()
+        if perm is not None:
+            logits = logits[inv.to(logits.device)]
+            for layer in layers.values():
+                layer.records = [dataclasses.replace(r, spec=original[id(r.spec)]) for r in layer.records]
         if step == 0:
             trace.logits, trace.loss = logits.detach().clone(), loss.detach().clone()
             trace.grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}

@@ -1,10 +1,14 @@
-"""Equivalence-check rows: stated tolerances, comparisons, and the report (markdown, JSONL, CSV).
+"""Equivalence-check rows: tolerances with their provenance, comparisons, and the report (markdown, JSONL, CSV).
 
 Error measures (DESIGN §3): ``max_abs = max|got - ref|`` and the norm-wise relative error
 ``max_rel = max|got - ref| / max(max|ref|, tiny)``; a dict of tensors (grads, weights, buffers)
 counts as one vector, and the note names the tensor with the largest error. Integer tensors
 (``num_batches_tracked``) must match exactly. A NEGATIVE CONTROL row compares things that must
 differ; it passes when ``max_rel > 100 × tol``, so a checker comparing a thing with itself fails.
+
+Tolerances are never fitted: float64 has the analytic 1e-10 below; every other precision's are
+derived in the run by ``ghostsys.check.tolerance`` and carry the divergence they came from and the
+factor applied, into every row and into check.jsonl.
 """
 
 from __future__ import annotations
@@ -22,43 +26,52 @@ from torch import Tensor
 
 _TINY = torch.finfo(torch.float64).tiny  # keeps an all-zero reference from dividing by 0
 CONTROL_FACTOR = 100.0  # a control must differ by this many tolerances to count as "clearly"
-_F64_WHY = ("implementations differ only in summation order: float64 roundoff 1.1e-16 over <=1e4-term "
-            "reductions, amplified by 1/sqrt(var), stays near 1e-13; observed 6e-16..4e-14 (reference vs "
-            "nn.BatchNorm + torch.optim.SGD, 3 steps). 1e-10 leaves >1000x for deeper nets and is still "
-            "8 orders below what G_M changes (full BatchNorm vs G_M=4: ~0.5)")
+QUANTITIES = ("logits", "loss", "grads", "weights", "buffers")
+F64_TOL = 1e-10
+F64_WHY = ("implementations differ only in summation order: float64 roundoff 1.1e-16 over <=1e4-term "
+           "reductions, amplified by 1/sqrt(var), stays near 1e-13; observed 6e-16..4e-14 (reference vs "
+           "nn.BatchNorm + torch.optim.SGD, 3 steps). 1e-10 leaves >1000x for deeper nets and is still "
+           "8 orders below what G_M changes (full BatchNorm vs G_M=4: ~0.5)")
 
-# The ONE table of tolerances (relative, norm-wise). float32 values sit at the level that reordering
-# sums explains: unit roundoff 6e-8, reductions over up to ~1e4 terms (M·H·W), blocked/pairwise sums
-# growing like sqrt(n)·u, amplified by 1/sqrt(var+eps). "Observed" numbers are float32 (reference
-# and nn.BatchNorm + torch.optim.SGD) against the float64 reference on a conv-BN CNN, M = 64..256,
-# 16x16..24x24 inputs, G_M in {1, 4}, 3 SGD steps at lr 0.1, momentum 0.9, wd 5e-4.
-# GPU runs must disable TF32 (it rounds matmul inputs to 10 bits, ~1e-3): these assume IEEE float32.
-TOLERANCES: dict[str, dict[str, tuple[float, str]]] = {
-    "float64": {q: (1e-10, _F64_WHY) for q in ("logits", "loss", "grads", "weights", "buffers")},
-    "float32": {
-        "logits": (1e-5, "per-channel sums of <=1e4 terms (sqrt(n)·u ~ 6e-6) through a few layers, "
-                         "amplified by 1/sqrt(var); observed <= 3e-6"),
-        "loss": (1e-5, "mean over M of the log-softmax of the logits: inherits their error, adds none"),
-        "grads": (1e-4, "backward through a norm subtracts sums of similar size (mean(g), mean(g·x̂)): "
-                        "cancellation costs about one digit over the forward; observed <= 2.2e-5"),
-        "weights": (1e-3, "each step adds lr x the gradient error, and later steps see activations of the "
-                          "already-perturbed weights, so errors compound with k; observed <= 8e-5 at k = 3"),
-        "buffers": (1e-4, "EMAs of group moments of activations computed with the steps' weights: "
-                          "roundoff of the moments (~1e-6) plus the weights' drift; observed <= 4e-7"),
-    },
-}
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A relative tolerance and where it came from.
+
+    source: ``analytic`` (float64: a bound from analysis, no measurement), ``derived`` (``factor`` ×
+    ``divergence``, the largest divergence of the reference in this precision from itself in float64
+    over the ``draws``), or ``floor`` (``factor`` × the precision's roundoff floor, when every draw
+    diverged less).
+    """
+
+    quantity: str
+    precision: str
+    tol: float
+    source: str
+    divergence: float = math.nan
+    factor: float = math.nan
+    draws: tuple[tuple[str, float], ...] = ()
+    label: str = ""  # what it was derived for, e.g. "buffers: per-rank sequential (rank 1)"
+    why: str = ""
+
+    def widened(self, by: float, why: str) -> "Tolerance":
+        """The same derivation with `by` × the factor (e.g. 2: both sides are runs at this precision)."""
+        if self.source == "analytic":
+            return self  # 1e-10 already leaves > 1000x over two float64 runs' summation-order differences
+        return dataclasses.replace(self, tol=self.tol * by, factor=self.factor * by, why=f"{self.why}; x{by:g}: {why}")
+
+
+def analytic(quantity: str, precision: str = "float64") -> Tolerance:
+    """The analytic tolerance of `quantity` (logits, loss, grads, weights, buffers): float64 only."""
+    if precision != "float64":
+        raise KeyError(f"no analytic tolerance for {precision}: its tolerances are derived in the run "
+                       "(ghostsys.check.tolerance.derive)")
+    if quantity not in QUANTITIES:
+        raise KeyError(f"no tolerance for {quantity!r}; known: {', '.join(QUANTITIES)}")
+    return Tolerance(quantity, "float64", F64_TOL, "analytic", why=F64_WHY)
+
 
 TensorLike = Union[Tensor, Mapping[str, Tensor]]
-
-
-def tolerance(quantity: str, dtype: torch.dtype | str) -> tuple[float, str]:
-    """(relative tolerance, why) for a quantity (logits, loss, grads, weights, buffers) and dtype."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in TOLERANCES:
-        raise KeyError(f"no tolerances for dtype {name}; known: {', '.join(TOLERANCES)}")
-    if quantity not in TOLERANCES[name]:
-        raise KeyError(f"no tolerance for {quantity!r}; known: {', '.join(TOLERANCES[name])}")
-    return TOLERANCES[name][quantity]
 
 
 @dataclass
@@ -76,18 +89,28 @@ class Row:
     tol: float
     passed: bool  # for a control: it differs by more than CONTROL_FACTOR × tol
     note: str = ""
+    divergence: float = math.nan  # what tol was derived from (NaN: analytic)
+    factor: float = math.nan  # tol = factor × divergence (or × unit roundoff when tol_source is "floor")
+    tol_source: str = ""  # analytic, derived, floor
+    verdict: str = ""  # ok, FAIL; controls: differs, SAME; resolution statements below float64 also: weak, unresolved
+    ratio: float = math.nan  # max_rel / tol: the margin
 
     @property
     def is_control(self) -> bool:
         """True for a negative-control row."""
         return self.section == "control"
 
+    @property
+    def counts(self) -> bool:
+        """False for a resolution statement this precision cannot settle clearly (reported, not a verdict)."""
+        return self.verdict not in ("weak", "unresolved")
+
 
 def _flat(x: TensorLike) -> Tensor:
     return torch.as_tensor(x).detach().cpu().double().reshape(-1)
 
 
-def _errors(got: TensorLike, ref: TensorLike) -> tuple[float, float, str]:
+def errors(got: TensorLike, ref: TensorLike) -> tuple[float, float, str]:
     """(max abs, norm-wise relative error, note naming the worst entry or the mismatch).
 
     A dict is ONE vector scaled by its largest reference entry, not tensor by tensor: some true
@@ -99,7 +122,7 @@ def _errors(got: TensorLike, ref: TensorLike) -> tuple[float, float, str]:
             missing = sorted(set(ref) - set(got)) if isinstance(got, Mapping) else []
             extra = sorted(set(got) - set(ref)) if isinstance(got, Mapping) and isinstance(ref, Mapping) else []
             return math.inf, math.inf, f"names differ: missing {missing[:3]}, extra {extra[:3]}"
-        parts = {k: _errors(got[k], ref[k]) for k in ref}
+        parts = {k: errors(got[k], ref[k]) for k in ref}
         bad = [f"{k}: {why}" for k, (_, _, why) in parts.items() if why]
         if bad:
             return math.inf, math.inf, "; ".join(bad[:3])
@@ -122,47 +145,64 @@ def _errors(got: TensorLike, ref: TensorLike) -> tuple[float, float, str]:
     return a, a / max(float(_flat(ref_t).abs().max()), _TINY), ""
 
 
-def compare(name: str, got: TensorLike, ref: TensorLike, dtype: torch.dtype | str, *, section: str | None = None,
+def compare(name: str, got: TensorLike, ref: TensorLike, tol: Tolerance, *, section: str | None = None,
             mode: str = "", engine: str = "", factorization: str = "", policy: str | None = None,
-            note: str = "", control: bool = False, quantity: str | None = None) -> Row:
-    """A Row comparing got with ref under the stated tolerance of `quantity` (default: name)."""
+            note: str = "", control: bool = False, resolution: bool = False, quantity: str | None = None) -> Row:
+    """A Row comparing got with ref under `tol` (an analytic or derived Tolerance).
+
+    A control (``control=True``) passes when it differs by > CONTROL_FACTOR × tol. A failed control
+    with ``resolution=True`` at a derived precision is a statement about the precision, not a broken
+    checker: *weak* when it still differs by more than tol (a difference this size would fail a row,
+    with a thin margin), *unresolved* when not ("at this precision these cannot be told apart"); both
+    are stated in the report. Under float64 such a control fails like any other.
+    """
     quantity = quantity or name
-    tol, _ = tolerance(quantity, dtype)
-    max_abs, max_rel, why = _errors(got, ref)
+    max_abs, max_rel, why = errors(got, ref)
     if control:
-        passed = bool(max_rel > CONTROL_FACTOR * tol)
+        passed = bool(max_rel > CONTROL_FACTOR * tol.tol)
+        verdict = "differs" if passed else "SAME"
+        if not passed and resolution and tol.source != "analytic":
+            verdict = "weak" if max_rel > tol.tol else "unresolved"
         section = "control"
         why = f"negative control: passes when it differs by > {CONTROL_FACTOR:g}× tol" + (f"; {why}" if why else "")
     else:
-        passed = bool(max_rel <= tol)
+        passed = bool(max_rel <= tol.tol)
+        verdict = "ok" if passed else "FAIL"
         section = section or {"logits": "forward", "loss": "forward"}.get(quantity, quantity)
-    return Row(section, mode, engine, factorization, name, policy, max_abs, max_rel, tol, passed,
-               "; ".join(x for x in (note, why) if x))
+    return Row(section, mode, engine, factorization, name, policy, max_abs, max_rel, tol.tol, passed,
+               "; ".join(x for x in (note, why) if x), tol.divergence, tol.factor, tol.source, verdict,
+               max_rel / tol.tol if tol.tol > 0 else math.inf)
 
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
-        return f"{v:.2e}"
+        return "-" if math.isnan(v) else f"{v:.2e}"
     return "" if v is None else str(v).replace("|", "\\|")
 
 
+_RESULT = {"ok": "ok", "FAIL": "FAIL", "differs": "differs", "SAME": "SAME (control failed)",
+           "weak": f"differs, by < {CONTROL_FACTOR:g}x tol", "unresolved": "cannot tell apart at this precision"}
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The rows as a markdown table, controls marked as such."""
-    cols = ["section", "mode", "engine", "factorization", "quantity", "policy", "max_abs", "max_rel", "tol", "result", "note"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    """The rows as a markdown table: error, tolerance, the divergence and factor it came from, result."""
+    cols = ["section", "mode", "engine", "factorization", "quantity", "policy", "max_abs", "max_rel", "tol",
+            "divergence", "factor"]
+    head = cols + ["err/tol", "result", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        result = ("differs" if r.passed else "SAME (control failed)") if r.is_control else ("ok" if r.passed else "FAIL")
-        vals = [*(getattr(r, c) for c in cols[:9]), result, r.note]
+        vals = [getattr(r, c) for c in cols] + [r.ratio, _RESULT.get(r.verdict, r.verdict), r.note]
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
 
-def tolerance_table(dtypes: Sequence[str] = ("float64", "float32")) -> str:
-    """The TOLERANCES table as markdown, with the reason for each number."""
-    lines = ["| dtype | quantity | rtol | why |", "|---|---|---|---|"]
-    for d in dtypes:
-        for q, (tol, why) in TOLERANCES[d].items():
-            lines.append(f"| {d} | {q} | {tol:.0e} | {_fmt(why)} |")
+def tolerance_table(tols: Sequence[Tolerance]) -> str:
+    """The tolerances used, each with its source, the divergence of every draw, the factor and why."""
+    lines = ["| precision | for | tol | source | divergence (max) | draws | factor | why |", "|" + "---|" * 8]
+    for t in tols:
+        draws = "; ".join(f"{k}: {v:.2e}" for k, v in t.draws)
+        lines.append(f"| {t.precision} | {_fmt(t.label or t.quantity)} | {t.tol:.2e} | {t.source} | {_fmt(t.divergence)} "
+                     f"| {_fmt(draws)} | {_fmt(t.factor)} | {_fmt(t.why)} |")
     return "\n".join(lines)
 
 
@@ -188,17 +228,80 @@ def write_rows(rows: Sequence[Row], run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def summary(rows: Sequence[Row]) -> dict[str, object]:
-    """Counts of comparisons and controls; all_passed (comparisons) and control_ok (>= 1 control, all differ)."""
-    comps = [r for r in rows if not r.is_control]
-    ctrls = [r for r in rows if r.is_control]
+    """Counts of comparisons and controls; all_passed (comparisons) and control_ok (>= 1 control, all differ).
+
+    Unresolved rows (a resolution statement this precision cannot settle) are counted apart and
+    decide neither.
+    """
+    counted = [r for r in rows if r.counts]
+    comps = [r for r in counted if not r.is_control]
+    ctrls = [r for r in counted if r.is_control]
     return {"rows": len(rows), "comparisons": len(comps), "comparisons_failed": sum(not r.passed for r in comps),
             "controls": len(ctrls), "controls_failed": sum(not r.passed for r in ctrls),
+            "weak": sum(r.verdict == "weak" for r in rows), "unresolved": sum(r.verdict == "unresolved" for r in rows),
             "all_passed": bool(comps) and all(r.passed for r in comps),
-            "control_ok": bool(ctrls) and all(r.passed for r in ctrls)}
+            "control_ok": bool(ctrls) and all(r.passed for r in ctrls),
+            # the margins on both sides: how close correct rows came to their tolerance, controls and
+            # must-differ statements to theirs (err/tol; a control needs > CONTROL_FACTOR), failures
+            "max_ratio_ok": _most(max, [r.ratio for r in counted if r.verdict == "ok"]),
+            "min_ratio_control": _most(min, [r.ratio for r in counted if r.verdict in ("differs", "SAME")]),
+            "max_ratio_failed": _most(max, [r.ratio for r in counted if r.verdict == "FAIL"])}
 
 
-def exit_code(rows: Sequence[Row]) -> int:
+def _most(f, xs: list[float]) -> float | str | None:
+    """f over the ratios; "inf" (strict JSON has none) when only infinite ones exist (e.g. counters differ)."""
+    finite = [x for x in xs if math.isfinite(x)]
+    return f(finite) if finite else ("inf" if xs else None)
+
+
+def exit_code(rows: Sequence[Row], injected: bool = False) -> int:
     """0 when every comparison passed and every control differed; bit 1: a comparison failed (or none
-    ran); bit 2: a control failed to differ (or there was none, so nothing shows the check can fail)."""
+    ran); bit 2: a control failed to differ (or there was none, so nothing shows the check can fail);
+    bit 4: a fault was injected and NO comparison caught it (at this precision the check cannot tell
+    it from correct code -- never a silent pass)."""
     s = summary(rows)
-    return (0 if s["all_passed"] else 1) | (0 if s["control_ok"] else 2)
+    code = (0 if s["all_passed"] else 1) | (0 if s["control_ok"] else 2)
+    if injected and not s["comparisons_failed"]:
+        code |= 4
+    return code
+
+
+def render(rows: Sequence[Row], tols: Sequence[Tolerance], timings: Sequence[dict], code: int, *,
+           inject: str = "", precision: str = "") -> str:
+    """The whole printed report: comparisons, running statistics in words, tolerances, times, verdict."""
+    facts = [r for r in rows if r.section == "facts"]
+    out = ["\n## Comparisons\n", markdown_table([r for r in rows if r.section != "facts"]),
+           "\n## Running statistics, in words\n"]
+    words = {"ok": "holds", "differs": "holds", "weak": f"holds, by < {CONTROL_FACTOR:g}x tol at {precision}",
+             "unresolved": f"CANNOT TELL APART at {precision}"}
+    for r in facts:
+        out.append(f"- {r.quantity}: measured max rel. difference {r.max_rel:.2e}, {r.policy}, tol {r.tol:.1e} "
+                   f"-> {words.get(r.verdict, 'DOES NOT HOLD')}")
+    out += ["\n## Tolerances\n", tolerance_table(tols),
+            "\n## Time per variant (s)\n", "\n".join(f"- {t['variant']}: {t['seconds']}" for t in timings), ""]
+    s = summary(rows)
+    unresolved = [r for r in rows if not r.counts]
+    for r in unresolved:
+        what = r.note.split(";")[0] if r.section == "facts" else f"{r.quantity} of {r.factorization}"
+        how = ("the check CANNOT TELL these apart" if r.verdict == "unresolved" else
+               f"these differ by only {r.ratio:.3g}x the tolerance (a control needs {CONTROL_FACTOR:g}x)")
+        out.append(f"NOTE: at {precision} {how}: {what} (differ by {r.max_rel:.2e}; tolerance {r.tol:.2e} = "
+                   f"{r.factor:g} x divergence {r.divergence:.2e}); a fault of this size would "
+                   + ("pass unseen" if r.verdict == "unresolved"
+                      else f"fail its rows, but by less than the {CONTROL_FACTOR:g}x a control demands"))
+    out.append(f"margins: largest err/tol among passing comparisons {_fmt(s['max_ratio_ok'])}; smallest err/tol "
+               f"among controls {_fmt(s['min_ratio_control'])} (must exceed {CONTROL_FACTOR:g})"
+               + (f"; largest err/tol among failed rows {_fmt(s['max_ratio_failed'])}" if s["max_ratio_failed"] else ""))
+    caught = [r for r in rows if r.counts and not r.is_control and not r.passed]
+    if code & 4:
+        out.append(f"INCONCLUSIVE: --inject {inject} was NOT caught: no comparison exceeded its tolerance, so at "
+                   f"{precision} the check cannot tell this fault from correct code")
+    elif inject and caught:
+        out.append(f"FAIL (as it must): --inject {inject} was caught by {len(caught)} row(s), e.g. "
+                   f"{caught[0].quantity} of {caught[0].factorization} at {caught[0].ratio:.3g}x its tolerance")
+    else:
+        out.append(f"{'PASS' if code == 0 else 'FAIL'}: {s['comparisons']} comparisons "
+                   f"({s['comparisons_failed']} failed), {s['controls']} controls ({s['controls_failed']} failed)"
+                   + (f", {s['weak'] + s['unresolved']} statements not clearly resolved at {precision} (NOTEs above)"
+                      if s["weak"] or s["unresolved"] else ""))
+    return "\n".join(out)

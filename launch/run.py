@@ -6,6 +6,7 @@
     deepspeed --num_gpus 2 launch/run.py --engine deepspeed --mode unsynced --nprocs 2
 
 Parse -> config -> ghostsys.run.train.train -> results in --out (default runs/<name>).
+Bad input: one `error: ...` line naming the flag and the fix, exit 2, nothing written.
 """
 
 import sys
@@ -16,8 +17,8 @@ from ghostsys.run.train import train
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
-    cfg, _ = config_from_args(build_parser("launch/run.py", __doc__.split("\n\n")[0]), argv)
-    return guarded(lambda: train(cfg))
+    parser = build_parser("launch/run.py", __doc__.split("\n\n")[0])
+    return guarded(lambda: train(config_from_args(parser, argv)[0]))
 
 
 if __name__ == "__main__":

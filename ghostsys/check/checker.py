@@ -20,7 +20,8 @@ import torch
 
 from ghostsys.run import dist
 from ghostsys.check import reference as ref
-from ghostsys.run.config import ConfigError, RunConfig
+from ghostsys.run.config import RULES, ConfigError, RunConfig
+from ghostsys.run.rules import blank_or, check_fields, integer, kind, one_of, output_dir
 from ghostsys.run.data import fetch
 from ghostsys.nn.models import build_model
 from ghostsys.run.modes import norm_factory
@@ -28,6 +29,7 @@ from ghostsys.check.report import Row, compare
 from ghostsys.run.train import Setup, build, micro_batches, train_step
 
 INJECTIONS = ("", "interleaved", "no-nfp-scaling", "wrong-rank-buffers")
+MODES = ("layer", "accumulate", "unsynced", "syncbn")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,37 @@ class CheckConfig:
     out: str = ""
     """Results directory (empty = runs/check-<engine>-ng<n>-<norm>-<dtype>)."""
 
+    def validate(self, world: int) -> "CheckConfig":
+        """Raise ConfigError naming the fix for any field or combination that cannot run on `world` processes;
+        return the config with dtype resolved. Model names and channel counts are checked when built."""
+        check_fields(self, CHECK_RULES)
+        if self.zero_stage and self.engine != "deepspeed":
+            raise ConfigError(f"--zero-stage {self.zero_stage} needs --engine deepspeed; add it or drop --zero-stage")
+        if self.sync_group_size and world % self.sync_group_size:
+            raise ConfigError(f"--sync-group-size {self.sync_group_size} does not divide the {world} launched "
+                              f"process(es); valid: {[k for k in range(1, world + 1) if world % k == 0]}")
+        c = replace(self, dtype=("float32" if self.engine == "deepspeed" else "float64") if self.dtype == "auto" else self.dtype)
+        if not variants(c, world):
+            asked = f" in --modes {c.modes}" if c.modes else ""
+            raise ConfigError(f"no factorization of --target-gm {c.target_gm} with --batch-size {c.batch_size} on {world} "
+                              f"process(es){asked}; choose a --target-gm that the world size divides and that divides "
+                              "--batch-size" + (", or other --modes" if c.modes else ""))
+        return c
+
+
+def _modes(v: object) -> str | None:
+    unknown = [m for m in str(v).split(",") if m and m not in MODES]
+    return f"names unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}, comma-separated" if unknown else None
+
+
+CHECK_RULES = {  # one per CheckConfig field; the shared ones as launch/run.py checks them
+    "model": kind(str), "norm": one_of("batch", "seq"), "channel_groups": integer(1), "batch_size": integer(1),
+    "target_gm": integer(2), "steps": integer(1), "seed": RULES["seed"], "dtype": one_of("auto", "float64", "float32"),
+    "engine": RULES["engine"], "zero_stage": RULES["zero_stage"], "sync_group_size": integer(0), "modes": _modes,
+    "lr": RULES["lr"], "momentum": RULES["momentum"], "weight_decay": RULES["weight_decay"],
+    "inject": blank_or(one_of(*INJECTIONS[1:])), "out": output_dir,
+}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -96,6 +129,8 @@ def variants(c: CheckConfig, world: int) -> list[Variant]:
     """Every factorization of c.target_gm the launched world allows, with the policies worth showing."""
     out: list[Variant] = []
     for k in ([c.sync_group_size] if c.sync_group_size else _divisors(world)):
+        if world % k:  # refused by CheckConfig.validate; no variant here either
+            continue
         blocks = world // k
         if c.target_gm % blocks:
             continue
@@ -125,7 +160,7 @@ def run_config(c: CheckConfig, v: Variant, world: int) -> RunConfig:
     """The training RunConfig of one variant."""
     norm = "seq" if c.norm == "seq" else ("ghost" if v.g_layer > 1 else "batch")
     return RunConfig(mode=v.mode, engine=c.engine, norm=norm, model=c.model, batch_size=c.batch_size, nfp=v.nfp,
-                     ghost_groups=v.g_layer, channel_groups=c.channel_groups,
+                     ghost_groups=v.g_layer, channel_groups=c.channel_groups if norm == "seq" else 1,
                      sync_group_size=v.k if v.mode == "syncbn" else 0, stats_policy=v.stats_policy,
                      buffer_sync=v.buffer_sync, world_size=world, max_steps=c.steps, lr=c.lr, momentum=c.momentum,
                      weight_decay=c.weight_decay, seed=c.seed, dtype=c.dtype, zero_stage=c.zero_stage,
@@ -325,12 +360,7 @@ def buffer_facts(c: CheckConfig, results: list[Result], world: int) -> list[Row]
 
 def run_checks(c: CheckConfig, info: dist.DistInfo, progress: Any = print) -> tuple[list[Row], list[dict]]:
     """All variants, their comparisons, the running-statistics facts and the control; rows and timings."""
-    if c.inject not in INJECTIONS:
-        raise ConfigError(f"--inject {c.inject!r} is unknown; choose one of {', '.join(INJECTIONS[1:])} (or none)")
     todo = variants(c, info.world_size)
-    if not todo:
-        raise ConfigError(f"no factorization of G_M={c.target_gm} with M={c.batch_size} fits {info.world_size} "
-                          f"process(es); choose --target-gm a multiple of the world size dividing M")
     rows: list[Row] = []
     results: list[Result] = []
     for v in todo:
@@ -348,21 +378,6 @@ def run_checks(c: CheckConfig, info: dist.DistInfo, progress: Any = print) -> tu
     return rows, timings
 
 
-def with_world(c: CheckConfig, world: int) -> CheckConfig:
-    """Validate the check config against the launched world size."""
-    if c.engine not in ("accelerate", "deepspeed"):
-        raise ConfigError(f"--engine {c.engine!r} is unknown; choose accelerate or deepspeed")
-    if c.norm not in ("batch", "seq"):
-        raise ConfigError(f"--norm {c.norm!r}: the checker covers batch (BatchNorm/GhostNorm) and seq (SeqNorm)")
-    if c.dtype == "auto":
-        c = replace(c, dtype="float32" if c.engine == "deepspeed" else "float64")
-    if c.dtype not in ("float64", "float32"):
-        raise ConfigError(f"--dtype {c.dtype!r}: choose float64, float32 or auto")
-    if c.target_gm < 2:
-        raise ConfigError("--target-gm must be >= 2 (G_M = 1 is the negative control)")
-    return c
-
-
 def check(c: CheckConfig) -> int:
     """Run the checker on the launched processes; print the report on rank 0; return the exit code."""
     import dataclasses
@@ -370,9 +385,9 @@ def check(c: CheckConfig) -> int:
     from ghostsys.check.report import exit_code, markdown_table, summary, tolerance_table, write_rows
     from ghostsys.run.rundir import RunDir, environment
 
+    c = c.validate(dist.launched_world()[1])  # before any process group: every rank refuses alike
     info = dist.init(device="cpu" if not torch.cuda.is_available() else None)
     try:
-        c = with_world(c, info.world_size)
         if info.is_main:
             print(f"ghostsys check: model={c.model} norm={c.norm} M={c.batch_size} target G_M={c.target_gm} "
                   f"k={c.steps} steps dtype={c.dtype} engine={c.engine} n_g={info.world_size}", flush=True)

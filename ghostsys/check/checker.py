@@ -385,7 +385,7 @@ def check(c: CheckConfig) -> int:
     from ghostsys.check.report import exit_code, markdown_table, summary, tolerance_table, write_rows
     from ghostsys.run.rundir import RunDir, environment
 
-    c = c.validate(dist.launched_world()[1])  # before any process group: every rank refuses alike
+    c = c.validate(dist.expected_world())  # before any process group: every rank refuses alike
     info = dist.init(device="cpu" if not torch.cuda.is_available() else None)
     try:
         if info.is_main:

@@ -61,6 +61,11 @@ def launched_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def expected_world() -> int:
+    """The world size a run will have: the joined group's, else the launcher's (callable before init)."""
+    return world_size() if is_initialized() else launched_world()[1]
+
+
 def launched_rank() -> int:
     """This process's global rank as its launcher set it; 0 when not launched (or the env is malformed)."""
     try:

@@ -114,7 +114,7 @@ def _probe(model: nn.Module, train_set: Any, cfg: RunConfig, meta: dict) -> None
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.eval()(x)
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, AssertionError) as err:  # what shape mismatches raise (ViT asserts its size)
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--model {cfg.model} cannot take --dataset {cfg.dataset} input of shape "
                           f"{list(meta['input_shape'])} ({why}); choose a model for that input size") from None

@@ -194,7 +194,7 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     Every check comes before the run directory is written; a run that fails before its first step
     removes what it wrote (never what was there before).
     """
-    cfg = resolve(cfg, dist.launched_world()[1])
+    cfg = resolve(cfg, dist.expected_world())
     info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
     try:
         return _train(cfg, info, tuple(callbacks))

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,10 +139,12 @@ def test_python_launch_prints_one_line_and_exits_2(tmp_path):
 
 @pytest.mark.dist
 def test_torchrun_refusal_after_the_process_group_exists(tmp_path):
-    """Found by build() on both ranks after init: one line (rank 0's), every rank exits 2, nothing written.
+    """Found by build() on both ranks after init: one line (rank 0's), exit 2, nothing written.
 
     torchrun itself then reports the failed workers (its ChildFailedError block) and exits 1: that
-    report is the launcher's, outside ghostsys; it must show exit code 2 for both ranks.
+    report is the launcher's, outside ghostsys. It stops the other workers as soon as one fails, so a
+    rank still on its way to exit 2 may show SIGTERM (-15) there; test_a_refusal_on_one_rank_stops_every_rank
+    shows each rank exits 2 on its own.
     """
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "launch/run.py"),
            "--mode", "unsynced", "--nprocs", "2", "--batch-size", "100000"]
@@ -149,7 +152,8 @@ def test_torchrun_refusal_after_the_process_group_exists(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors == ["error: --batch-size 100000 exceeds the 4096 training samples of synthetic; use at most 4096"], proc.stderr
     assert proc.returncode != 0
-    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
     assert not list(tmp_path.iterdir())
 
 

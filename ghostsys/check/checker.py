@@ -20,7 +20,7 @@ import torch
 
 from ghostsys.run import dist
 from ghostsys.check import reference as ref
-from ghostsys.run.config import RULES, ConfigError, RunConfig
+from ghostsys.run.config import MODES, RULES, ConfigError, RunConfig
 from ghostsys.run.rules import blank_or, check_fields, integer, kind, one_of, output_dir
 from ghostsys.run.data import fetch
 from ghostsys.nn.models import build_model
@@ -29,7 +29,6 @@ from ghostsys.check.report import Row, compare
 from ghostsys.run.train import Setup, build, micro_batches, train_step
 
 INJECTIONS = ("", "interleaved", "no-nfp-scaling", "wrong-rank-buffers")
-MODES = ("layer", "accumulate", "unsynced", "syncbn")
 
 
 @dataclass(frozen=True)

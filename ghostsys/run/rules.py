@@ -43,7 +43,7 @@ def number(*, gt: float | None = None, ge: float | None = None, lt: float | None
     span = f"in [{ge}, {lt})" if ge is not None and lt is not None else " and ".join(x for x in (lo, hi) if x)
 
     def rule(v: Any) -> str | None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
         ok = ok and (gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt) and (le is None or v <= le)
         return None if ok else f"must be a finite number {span}"
     return rule

@@ -6,7 +6,7 @@
     deepspeed --num_gpus 2 launch/check.py --engine deepspeed
 
 Prints a markdown report, writes check.jsonl/check.csv, exits non-zero if any comparison fails or
-the negative control fails to differ.
+the negative control fails to differ. Bad input: one `error: ...` line naming the flag and the fix, exit 2.
 """
 
 import sys
@@ -16,15 +16,9 @@ from ghostsys.run.cli import build_parser, config_from_args, guarded
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the process exit code."""
-    c, _ = config_from_args(build_parser("launch/check.py", __doc__, CheckConfig), argv, CheckConfig)
-    code = 0
-
-    def go() -> None:
-        nonlocal code
-        code = check(c)
-
-    return guarded(go) or code
+    """Entry point: returns the process exit code (2 for bad input, 1 if a comparison fails)."""
+    parser = build_parser("launch/check.py", __doc__, CheckConfig)
+    return guarded(lambda: check(config_from_args(parser, argv, CheckConfig)[0]))
 
 
 if __name__ == "__main__":

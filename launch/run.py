@@ -6,7 +6,8 @@
     deepspeed --num_gpus 2 launch/run.py --engine deepspeed --mode unsynced --nprocs 2
     python launch/run.py --preset mnist-simplenet --data-root DIR     # a setup of the papers (--preset list)
 
-Parse -> config (preset filled in, explicit flags win) -> ghostsys.run.train.train -> results in --out.
+Parse -> config (preset filled in, explicit flags win) -> ghostsys.run.train.train -> results in --out
+(default runs/<name>). Bad input: one `error: ...` line naming the flag and the fix, exit 2, nothing written.
 """
 
 import sys

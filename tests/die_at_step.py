@@ -13,11 +13,11 @@ from launch.run import main  # noqa: E402
 _real_step = train_mod.train_step
 
 
-def _dying_step(s, step):
+def _dying_step(s, step, **kw):
     if s.info.rank == 1 and step == 3:
         print("die_at_step: rank 1 is killing itself", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real_step(s, step)
+    return _real_step(s, step, **kw)
 
 
 train_mod.train_step = _dying_step

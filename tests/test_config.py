@@ -26,6 +26,9 @@ def test_factorization_arithmetic():
     (dict(world_size=1, nprocs=2), "ACCELERATE_USE_CPU=1"),
     (dict(engine="deepspeed", dtype="float64"), "--dtype float32"),
     (dict(sync_group_size=2), "only applies to --mode syncbn"),
+    (dict(world_size=0), "--world-size 0 must be an integer >= 1"),  # no flag: the launcher's WORLD_SIZE
+    (dict(lr="0.1"), "--lr '0.1' must be a finite number > 0"),  # the Python API gets types checked too
+    (dict(seed=True), "--seed True must be an integer"),
 ])
 def test_bad_combinations_name_the_fix(kw, needle):
     with pytest.raises(ConfigError, match=None) as err:

@@ -1,8 +1,9 @@
-"""Bad input to launch/run.py: one clear message naming the fix, non-zero exit, nothing written."""
+"""launch/run.py failing the way users meet it: NaN loss, another experiment in --out, a launch that
+started fewer processes than asked, a dead rank. The bad-input table (every flag's invalid values,
+in-process) is tests/test_bad_input.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,41 +15,11 @@ from tests._launch import ROOT, run
 FAST = ["--batch-size", "32", "--max-steps", "3", "--no-progress"]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--nfp", "3"], "valid --nfp"),                                        # n_fp must divide M/n_g
-    (["--mode", "warp"], "--mode 'warp' is unknown"),
-    (["--mode", "syncbn", "--norm", "ghost"], "cannot be combined"),        # contradictory combination
-    (["--mode", "layer", "--norm", "batch"], "--norm ghost or seq"),
-    (["--mode", "accumulate", "--ghost-groups", "4"], "only applies to --norm ghost or seq"),
-    (["--mode", "layer", "--ghost-groups", "5"], "valid --ghost-groups"),
-    (["--model", "simplenet", "--mode", "layer", "--ghost-groups", "32"], "single value"),  # ghost slice of one value
-    (["--nprocs", "2"], "ACCELERATE_USE_CPU=1"),                            # asked for 2, launched 1
-    (["--zero-stage", "2"], "need --engine deepspeed"),
-    (["--engine", "deepspeed", "--zero-stage", "3"], "ZeRO stages 0, 1, 2"),
-    (["--norm", "noisy"], "--noise-std"),
-    (["--dataset", "cifar10", "--data-root", "/nonexistent"], "--data-root"),
-])
-def test_bad_input_fails_cleanly(tmp_path, args, needle):
-    out = tmp_path / "run"
-    proc = run([*FAST, *args, "--out", str(out)], check=False, timeout=120)
-    assert proc.returncode != 0
-    assert needle in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert not (out / "summary.json").exists() and not (out / "metrics.jsonl").exists()
-
-
-def test_deepspeed_config_conflict(tmp_path):
-    conf = tmp_path / "ds.json"
-    conf.write_text(json.dumps({"gradient_accumulation_steps": 3}))
-    proc = run([*FAST, "--engine", "deepspeed", "--nfp", "2", "--deepspeed-config", str(conf), "--out", str(tmp_path / "r")],
-               check=False, timeout=180)
-    assert proc.returncode != 0 and "gradient_accumulation_steps" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-
-
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     proc = run([*FAST, "--lr", "1e12", "--max-steps", "30", "--out", str(tmp_path / "r")], check=False)
     assert proc.returncode == 1 and "lower --lr" in proc.stderr, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == proc.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
@@ -80,5 +51,5 @@ def test_a_dead_rank_fails_the_whole_job(tmp_path):
                 "--out", str(tmp_path / "r")], launcher="torchrun", nprocs=2, script="tests/die_at_step.py",
                check=False, timeout=120)
     assert proc.returncode != 0
-    assert "die_at_step" in proc.stderr or "ChildFailedError" in proc.stderr or "exitcode" in proc.stderr, proc.stderr[-3000:]
+    assert "die_at_step: rank 1 is killing itself" in proc.stderr, proc.stderr[-3000:]  # it died where meant to
     assert not (tmp_path / "r" / "summary.json").exists()

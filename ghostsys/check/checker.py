@@ -23,7 +23,8 @@ import torch
 from ghostsys.run import dist
 from ghostsys.check import reference as ref
 from ghostsys.check import tolerance as tl
-from ghostsys.run.config import ConfigError, RunConfig
+from ghostsys.run.config import MODES, RULES, ConfigError, RunConfig
+from ghostsys.run.rules import blank_or, check_fields, integer, kind, one_of, output_dir
 from ghostsys.run.data import fetch
 from ghostsys.nn.models import build_model
 from ghostsys.run.modes import norm_factory
@@ -76,6 +77,39 @@ class CheckConfig:
     out: str = ""
     """Results directory (empty = runs/check-<engine>-ng<n>-<norm>-<dtype>)."""
 
+    def validate(self, world: int) -> "CheckConfig":
+        """Raise ConfigError naming the fix for any field or combination that cannot run on `world` processes;
+        return the config with dtype resolved. Model names and channel counts are checked when built."""
+        check_fields(self, CHECK_RULES)
+        if self.zero_stage and self.engine != "deepspeed":
+            raise ConfigError(f"--zero-stage {self.zero_stage} needs --engine deepspeed; add it or drop --zero-stage")
+        if self.sync_group_size and world % self.sync_group_size:
+            raise ConfigError(f"--sync-group-size {self.sync_group_size} does not divide the {world} launched "
+                              f"process(es); valid: {[k for k in range(1, world + 1) if world % k == 0]}")
+        c = replace(self, dtype=("float32" if self.engine == "deepspeed" else "float64") if self.dtype == "auto" else self.dtype)
+        if c.dtype == "tf32" and not torch.cuda.is_available():
+            raise ConfigError("--dtype tf32 exists on CUDA GPUs only (CPU float32 matmuls are IEEE); use --dtype float32")
+        if not variants(c, world):
+            asked = f" in --modes {c.modes}" if c.modes else ""
+            raise ConfigError(f"no factorization of --target-gm {c.target_gm} with --batch-size {c.batch_size} on {world} "
+                              f"process(es){asked}; choose a --target-gm that the world size divides and that divides "
+                              "--batch-size" + (", or other --modes" if c.modes else ""))
+        return c
+
+
+def _modes(v: object) -> str | None:
+    unknown = [m for m in str(v).split(",") if m and m not in MODES]
+    return f"names unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}, comma-separated" if unknown else None
+
+
+CHECK_RULES = {  # one per CheckConfig field; the shared ones as launch/run.py checks them
+    "model": kind(str), "norm": one_of("batch", "seq"), "channel_groups": integer(1), "batch_size": integer(1),
+    "target_gm": integer(2), "steps": integer(1), "seed": RULES["seed"], "dtype": one_of("auto", *CHECKED_PRECISIONS),
+    "engine": RULES["engine"], "zero_stage": RULES["zero_stage"], "sync_group_size": integer(0), "modes": _modes,
+    "lr": RULES["lr"], "momentum": RULES["momentum"], "weight_decay": RULES["weight_decay"],
+    "inject": blank_or(one_of(*INJECTIONS[1:])), "out": output_dir,
+}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -102,6 +136,8 @@ def variants(c: CheckConfig, world: int) -> list[Variant]:
     """Every factorization of c.target_gm the launched world allows, with the policies worth showing."""
     out: list[Variant] = []
     for k in ([c.sync_group_size] if c.sync_group_size else _divisors(world)):
+        if world % k:  # refused by CheckConfig.validate; no variant here either
+            continue
         blocks = world // k
         if c.target_gm % blocks:
             continue
@@ -131,7 +167,7 @@ def run_config(c: CheckConfig, v: Variant, world: int) -> RunConfig:
     """The training RunConfig of one variant."""
     norm = "seq" if c.norm == "seq" else ("ghost" if v.g_layer > 1 else "batch")
     return RunConfig(mode=v.mode, engine=c.engine, norm=norm, model=c.model, batch_size=c.batch_size, nfp=v.nfp,
-                     ghost_groups=v.g_layer, channel_groups=c.channel_groups,
+                     ghost_groups=v.g_layer, channel_groups=c.channel_groups if norm == "seq" else 1,
                      sync_group_size=v.k if v.mode == "syncbn" else 0, stats_policy=v.stats_policy,
                      buffer_sync=v.buffer_sync, world_size=world, max_steps=c.steps, lr=c.lr, momentum=c.momentum,
                      weight_decay=c.weight_decay, seed=c.seed, dtype=tl.run_dtype(c.dtype), zero_stage=c.zero_stage,
@@ -299,12 +335,7 @@ def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo, p: tl.Precisi
 def run_checks(c: CheckConfig, info: dist.DistInfo,
                progress: Any = print) -> tuple[list[Row], list[dict], list[tl.Derivation]]:
     """All variants, their comparisons, the running-statistics facts and the controls; rows, timings, derivations."""
-    if c.inject not in INJECTIONS:
-        raise ConfigError(f"--inject {c.inject!r} is unknown; choose one of {', '.join(INJECTIONS[1:])} (or none)")
     todo = variants(c, info.world_size)
-    if not todo:
-        raise ConfigError(f"no factorization of G_M={c.target_gm} with M={c.batch_size} fits {info.world_size} "
-                          f"process(es); choose --target-gm a multiple of the world size dividing M")
     p = tl.precision(c.dtype)
     rows: list[Row] = []
     results: list[Result] = []
@@ -325,27 +356,9 @@ def run_checks(c: CheckConfig, info: dist.DistInfo,
     return rows, timings, list(derivations.values())
 
 
-def with_world(c: CheckConfig, world: int) -> CheckConfig:
-    """Validate the check config against the launched world size."""
-    if c.engine not in ("accelerate", "deepspeed"):
-        raise ConfigError(f"--engine {c.engine!r} is unknown; choose accelerate or deepspeed")
-    if c.norm not in ("batch", "seq"):
-        raise ConfigError(f"--norm {c.norm!r}: the checker covers batch (BatchNorm/GhostNorm) and seq (SeqNorm)")
-    if c.dtype == "auto":
-        c = replace(c, dtype="float32" if c.engine == "deepspeed" else "float64")
-    if c.dtype not in CHECKED_PRECISIONS:
-        more = (f"; {c.dtype} tolerances can be derived (ghostsys.check.tolerance) but the training run has no "
-                "setting for it yet") if c.dtype in tl.PRECISIONS else ""
-        raise ConfigError(f"--dtype {c.dtype!r}: choose {', '.join(CHECKED_PRECISIONS)} or auto{more}")
-    if c.dtype == "tf32" and not torch.cuda.is_available():
-        raise ConfigError("--dtype tf32 exists on CUDA GPUs only (CPU float32 matmuls are IEEE); use --dtype float32")
-    if c.target_gm < 2:
-        raise ConfigError("--target-gm must be >= 2 (G_M = 1 is the negative control)")
-    return c
-
-
 def check(c: CheckConfig) -> int:
     """Run the checker on the launched processes; print the report on rank 0; return the exit code."""
+    c.validate(dist.expected_world())  # before any process group: every rank refuses alike
     info = dist.init(device="cpu" if not torch.cuda.is_available() else None)
     try:
         return check_on(c, info)
@@ -360,7 +373,7 @@ def check_on(c: CheckConfig, info: dist.DistInfo) -> int:
     from ghostsys.check.report import exit_code, render, summary, write_rows
     from ghostsys.run.rundir import RunDir, environment
 
-    c = with_world(c, info.world_size)
+    c = c.validate(info.world_size)
     if info.is_main:
         print(f"ghostsys check: model={c.model} norm={c.norm} M={c.batch_size} target G_M={c.target_gm} "
               f"k={c.steps} steps dtype={c.dtype} engine={c.engine} n_g={info.world_size}", flush=True)

@@ -1,6 +1,7 @@
 """The ``run`` wing: the one training program (imports ``ghostsys.nn`` only).
 
-``config`` (the frozen, validated RunConfig) and ``cli`` (flags generated from it), ``dist`` (process
+``config`` (the frozen, validated RunConfig; ``rules``: its per-field rules) and ``cli`` (flags generated
+from it), ``prepare`` (the checks, data and model opened before a run writes anything), ``dist`` (process
 groups: the only reader of launcher env vars), ``engines`` (Accelerate / DeepSpeed adapters),
 ``modes`` (layer / accumulate / unsynced / syncbn), ``data`` and ``datasets`` (the mode-independent
 batch order, local readers), ``train`` (the one loop, instrumented from above through callbacks),

@@ -5,18 +5,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from ghostsys.run.config import RunConfig, field_docs
+from ghostsys.run import dist
+from ghostsys.run.config import ConfigError, RunConfig, field_docs
 
 # Filled in from the launcher, never typed by the user.
 _NOT_FLAGS = ("world_size",)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed command line is one ConfigError naming the argument, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage and exiting: guarded() turns it into one `error:` line, exit 2."""
+        raise ConfigError(f"{message}; see {self.prog} --help")
+
+
 def build_parser(prog: str, description: str, cls: type = RunConfig) -> argparse.ArgumentParser:
     """An argparse parser with one --flag per field of a config dataclass (defaults from the dataclass)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = field_docs(cls)
     # The `deepspeed` launcher appends --local_rank=N; ghostsys.run.dist reads LOCAL_RANK from the env instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -47,16 +55,25 @@ def config_from_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run fn; turn the errors a user can fix into one clear line on stderr and a non-zero exit code."""
-    from ghostsys.run.config import ConfigError
+    """Run fn; turn the errors a user can fix into one `error:` line on stderr (rank 0 only) and an exit code.
+
+    ConfigError (bad input, argparse's refusals included) exits 2; TrainingError (e.g. a NaN loss) 1;
+    an int that fn returns is the exit code, anything else 0. Other exceptions are bugs: they propagate.
+    """
     from ghostsys.run.train import TrainingError
 
     try:
-        fn()
+        result = fn()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        _say(err)
         return 2
-    except (TrainingError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except TrainingError as err:
+        _say(err)
         return 1
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _say(err: Exception) -> None:
+    # Every rank meets the same error (see train.agreed); one line from rank 0 is the whole message.
+    if dist.launched_rank() == 0:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ghostsys.run.rules import (ConfigError, Rule, blank_or, check_fields, device, existing, integer, kind, number,
+                                one_of, optional, output_dir)
+
 MODES = ("layer", "accumulate", "unsynced", "syncbn")
 ENGINES = ("accelerate", "deepspeed")
 NORMS = ("batch", "ghost", "seq", "group", "noisy", "none")
@@ -35,10 +38,6 @@ _NON_IDENTITY = ("out", "progress", "checkpoint_every", "nprocs", "keep_checkpoi
 
 # Models whose norm layers see (M, C) features, where a one-sample ghost batch is a single value.
 _FEATURE_MODELS = ("simplenet",)
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot run; the message names the fix."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -189,17 +188,13 @@ class RunConfig:
 
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        """Raise ConfigError naming the fix for any field or combination that cannot run; return self."""
-        choices = {"mode": MODES, "engine": ENGINES, "dataset": DATASETS, "schedule": SCHEDULES,
-                   "stats_policy": STATS_POLICIES, "buffer_sync": BUFFER_SYNCS, "dtype": DTYPES}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is unknown; choose one of {', '.join(valid)}")
-        if self.resolved_norm not in NORMS:
-            raise ConfigError(f"--norm {self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
-        for name in ("batch_size", "nfp", "ghost_groups", "channel_groups", "world_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        """Raise ConfigError naming the fix for any field or combination that cannot run; return self.
+
+        Each field first meets its own rule (RULES); then the combinations. What needs the data or the
+        model (the training-set size, the model's name and channel counts) is checked when
+        ``ghostsys.run.prepare`` opens them, still before anything is written.
+        """
+        check_fields(self, RULES)
         if self.nprocs and self.nprocs != self.world_size:
             raise ConfigError(
                 f"--nprocs {self.nprocs} was asked for but the launcher started {self.world_size} process(es). "
@@ -215,14 +210,21 @@ class RunConfig:
         norm = self.resolved_norm
         if self.mode == "layer" and norm not in ("ghost", "seq"):
             raise ConfigError(f"--mode layer needs an explicit ghost layer: --norm ghost or seq (got --norm {norm})")
-        if self.ghost_groups > 1 and norm not in ("ghost", "seq"):
-            raise ConfigError(f"--ghost-groups {self.ghost_groups} only applies to --norm ghost or seq (got --norm {norm})")
+        # A flag the chosen layer ignores is refused rather than silently dropped.
+        for flag, value, default, layers in (("--ghost-groups", self.ghost_groups, 1, ("ghost", "seq")),
+                                             ("--stats-policy", self.stats_policy, "mean", ("ghost", "seq")),
+                                             ("--channel-groups", self.channel_groups, 1, ("seq", "group")),
+                                             ("--noise-std", self.noise_std, 0.0, ("noisy",))):
+            if value != default and norm not in layers:
+                raise ConfigError(f"{flag} {value} only applies to --norm {' or '.join(layers)} (got --norm {norm}); "
+                                  f"drop {flag} or choose one of those layers")
         if self.micro_batch % self.layer_groups:
             raise ConfigError(f"--ghost-groups {self.ghost_groups} does not divide the micro-batch M/(n_g n_fp) = {self.micro_batch}; "
                               f"valid --ghost-groups: {_divisors(self.micro_batch)}")
         if self.model in _FEATURE_MODELS and norm in ("batch", "ghost", "seq", "noisy") and self.ghost_batch == 1:
-            raise ConfigError(f"a ghost batch of M/G_M = 1 sample on {self.model}'s (M, C) features normalizes a single "
-                              f"value per slice (undefined); use G_M <= {M // 2} (the papers use >= 4 samples per ghost batch)")
+            raise ConfigError(f"--ghost-groups/--nfp/--batch-size give a ghost batch of M/G_M = 1 sample: on {self.model}'s "
+                              f"(M, C) features that normalizes a single value per slice (undefined); use G_M <= {M // 2} "
+                              "(the papers use >= 4 samples per ghost batch)")
         if self.mode == "syncbn":
             if norm != "batch":
                 raise ConfigError(f"--mode syncbn syncs BatchNorm statistics; it cannot be combined with --norm {norm} (use --norm batch)")
@@ -230,67 +232,39 @@ class RunConfig:
             if ng % k:
                 raise ConfigError(f"--sync-group-size {k} does not divide the {ng} launched processes; valid: {_divisors(ng)}")
         elif self.sync_group_size:
-            raise ConfigError("--sync-group-size only applies to --mode syncbn")
+            raise ConfigError("--sync-group-size only applies to --mode syncbn; drop it or use --mode syncbn")
         if norm == "noisy" and self.noise_std <= 0:
             raise ConfigError("--norm noisy needs --noise-std > 0 (the papers tune 3e-5 ... 0.1; best 3e-4)")
-        if norm in ("seq", "group") and self.channel_groups < 1:
-            raise ConfigError("--channel-groups must be >= 1")
-        if self.engine == "deepspeed" and self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"--zero-stage {self.zero_stage}: ghostsys supports DeepSpeed ZeRO stages 0, 1, 2")
         if self.engine == "deepspeed" and self.dtype == "float64":
             raise ConfigError("--engine deepspeed trains float32 only (it cannot all-reduce float64 gradients and keeps "
                               "float32 master weights); use --dtype float32, or --engine accelerate for float64")
         if self.engine != "deepspeed" and (self.zero_stage or self.deepspeed_config):
-            raise ConfigError("--zero-stage/--deepspeed-config need --engine deepspeed")
+            raise ConfigError("--zero-stage/--deepspeed-config need --engine deepspeed; add it or drop them")
+        if self.data_root is not None and self.dataset == "synthetic":
+            raise ConfigError("--data-root applies to mnist, cifar10, cifar100 and imagenet; --dataset synthetic is "
+                              "generated (drop --data-root, or name the --dataset it holds)")
         if self.buffer_sync == "allreduce" and self.mode == "syncbn":
             warnings.warn("--buffer-sync allreduce with syncbn: synced ranks already hold equal buffers", stacklevel=2)
         self._validate_papers()
         return self
 
     def _validate_papers(self) -> None:
-        """Checks of the fields added for the papers' experiments (presets, protocol, pipeline, probe)."""
-        if self.preset:
-            from ghostsys.run.presets import PRESETS
-
-            if self.preset not in PRESETS:
-                raise ConfigError(f"--preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)} "
-                                  "(--preset list shows them with their sources)")
-        if self.eval_split not in EVAL_SPLITS:
-            raise ConfigError(f"--eval-split {self.eval_split!r} is unknown; choose one of {', '.join(EVAL_SPLITS)}")
+        """Combinations of the fields added for the papers' experiments (each field alone: RULES)."""
         if self.eval_split == "test" and self.dataset not in _WITH_TEST_SPLIT:
             raise ConfigError(f"--eval-split test needs a data set with a test split ({', '.join(_WITH_TEST_SPLIT)}); "
                               f"{self.dataset} has train and val only: use --eval-split val")
-        if self.cutout < 0:
-            raise ConfigError(f"--cutout must be >= 0 pixels (got {self.cutout}); 0 = no Cutout")
         if self.cutout and not self.augment:
             raise ConfigError(f"--cutout {self.cutout} is applied by the augmentation: add --augment (or use --cutout 0)")
-        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
-            raise ConfigError(f"--grad-clip must be a finite norm >= 0 (got {self.grad_clip}); 0 = no clipping")
-        if self.num_workers < -1:
-            raise ConfigError(f"--num-workers must be >= 0, or -1 for auto (got {self.num_workers})")
-        if self.landscape_every < 1:
-            raise ConfigError(f"--landscape-every must be >= 1 step (got {self.landscape_every})")
-        self.landscape_steps()  # raises ConfigError naming the bad entry
         if self.landscape_lrs and self.engine == "deepspeed" and self.zero_stage > 0:
             raise ConfigError(f"--landscape-lrs needs the full synced gradient in each parameter's .grad, which ZeRO stage "
                               f"{self.zero_stage} partitions away; use --zero-stage 0 or --engine accelerate")
 
     def landscape_steps(self) -> list[tuple[float, bool]]:
         """The probe's step sizes as (value, relative): relative ones ('x0.5') multiply the current lr."""
-        steps = []
-        for raw in filter(None, (t.strip() for t in self.landscape_lrs.split(","))):
-            rel = raw[:1] in ("x", "X")
-            try:
-                value = float(raw[1:] if rel else raw)
-            except ValueError:
-                value = float("nan")
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"--landscape-lrs entry {raw!r} is not a positive step size; give numbers such as "
-                                  "0.1,0.2,0.4 or multiples of the current lr such as x0.5,x1,x2")
-            steps.append((value, rel))
-        if self.landscape_lrs.strip() and not steps:
-            raise ConfigError(f"--landscape-lrs {self.landscape_lrs!r} holds no step size; e.g. 0.1,0.2,0.4")
-        return steps
+        try:
+            return parse_step_sizes(self.landscape_lrs)
+        except ValueError as err:
+            raise ConfigError(f"--landscape-lrs {self.landscape_lrs!r} {err}") from None
 
     def mode_warnings(self) -> list[str]:
         """Legal but probably unintended combinations, said once at start."""
@@ -354,6 +328,86 @@ class RunConfig:
                 if k not in ("mode", "engine", "norm", "model", "dataset", "batch_size")}
         lines.append("  " + " ".join(f"{k}={v}" for k, v in rest.items()))
         return "\n".join(lines)
+
+
+_count, _switch = integer(1), kind(bool)
+RULES: dict[str, Rule] = {  # one rule per RunConfig field (tests/test_bad_input.py insists); combinations: validate()
+    "mode": one_of(*MODES),
+    "engine": one_of(*ENGINES),
+    "norm": blank_or(one_of(*NORMS)),
+    "model": kind(str),  # names are checked when the model is built (ghostsys.run.prepare)
+    "dataset": one_of(*DATASETS),
+    "data_root": optional(existing("folder", True, "pass the folder that holds the data set files")),
+    "batch_size": _count,
+    "nfp": _count,
+    "ghost_groups": _count,
+    "channel_groups": _count,
+    "noise_std": number(ge=0),
+    "sync_group_size": integer(0),
+    "stats_policy": one_of(*STATS_POLICIES),
+    "buffer_sync": one_of(*BUFFER_SYNCS),
+    "world_size": _count,
+    "nprocs": integer(0),
+    "epochs": _count,
+    "max_steps": integer(0),
+    "lr": number(gt=0),
+    "momentum": number(ge=0, lt=1),
+    "weight_decay": number(ge=0),
+    "schedule": one_of(*SCHEDULES),
+    "seed": integer(0, 2**63 - 1, "2**63 - 1"),  # torch generators take 64 bits; results load as int64
+    "dtype": one_of(*DTYPES),
+    "augment": _switch,
+    "zero_stage": one_of(0, 1, 2),  # ZeRO 3 partitions parameters: see engines._ZERO3_WHY
+    "deepspeed_config": optional(existing("file", False, "pass a DeepSpeed JSON file or drop the flag")),
+    "device": device,
+    "eval_every": integer(0),
+    "checkpoint_every": integer(0),
+    "keep_checkpoints": _count,
+    "out": output_dir,
+    "progress": _switch,
+    "collective_timeout": number(gt=0, le=1e9),
+    "preset": blank_or(lambda v: _preset_problem(v)),
+    "eval_split": one_of(*EVAL_SPLITS),
+    "cutout": integer(0),
+    "grad_clip": number(ge=0),
+    "num_workers": integer(-1),
+    "landscape_lrs": lambda v: _landscape_problem(v),
+    "landscape_every": _count,
+}
+
+
+def _preset_problem(name: Any) -> str | None:
+    from ghostsys.run.presets import PRESETS  # presets build RunConfigs: imported when needed
+
+    return None if name in PRESETS else f"is unknown; choose one of {', '.join(PRESETS)} (--preset list shows them)"
+
+
+def _landscape_problem(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    try:
+        parse_step_sizes(v)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def parse_step_sizes(text: str) -> list[tuple[float, bool]]:
+    """'0.1,x0.5' -> [(0.1, False), (0.5, True)]: relative ('x') entries multiply the current lr; ValueError says why not."""
+    steps = []
+    for raw in filter(None, (t.strip() for t in text.split(","))):
+        rel = raw[:1] in ("x", "X")
+        try:
+            value = float(raw[1:] if rel else raw)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"has the entry {raw!r}, not a positive step size; give numbers such as 0.1,0.2,0.4 "
+                             "or multiples of the current lr such as x0.5,x1,x2")
+        steps.append((value, rel))
+    if text.strip() and not steps:
+        raise ValueError("holds no step size; e.g. 0.1,0.2,0.4")
+    return steps
 
 
 def field_docs(cls: type | None = None) -> dict[str, str]:

@@ -61,6 +61,19 @@ def launched_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def expected_world() -> int:
+    """The world size a run will have: the joined group's, else the launcher's (callable before init)."""
+    return world_size() if is_initialized() else launched_world()[1]
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it; 0 when not launched (or the env is malformed)."""
+    try:
+        return launched_world()[0]
+    except ValueError:
+        return 0
+
+
 def _pick_device(device: str | None, local_rank: int) -> torch.device:
     # An explicit argument wins over ACCELERATE_USE_CPU; the env var only steers the automatic choice.
     if device is None:
@@ -254,6 +267,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def first_error(message: str | None) -> str | None:
+    """Collective: each rank's error (None = fine) in, the lowest failing rank's out, on every rank.
+
+    Lets every rank give up together when any one cannot go on (a data file one node lacks),
+    instead of leaving the others waiting in the next collective until the timeout.
+    """
+    if world_size() == 1:
+        return message
+    every: list[str | None] = [None] * world_size()
+    dist.all_gather_object(every, message)
+    failed = [(r, m) for r, m in enumerate(every) if m is not None]
+    if not failed:
+        return None
+    rank, first = failed[0]
+    return first if rank == 0 else f"{first} (on rank {rank})"
 
 
 def barrier() -> None:

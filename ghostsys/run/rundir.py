@@ -97,6 +97,7 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._last_fsync = float("-inf")  # the first line is always fsync'd
+        self.lines_written = 0  # metrics lines this object appended (0: no step of this invocation finished)
 
     config_path = property(lambda self: self.path / "config.json")
     env_path = property(lambda self: self.path / "env.json")
@@ -139,6 +140,7 @@ class RunDir:
             if now - self._last_fsync >= FSYNC_INTERVAL_S:
                 os.fsync(f.fileno())
                 self._last_fsync = now
+        self.lines_written += 1
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics lines as dicts (a torn last line is skipped)."""
@@ -159,6 +161,38 @@ class RunDir:
         os.replace(tmp, self.metrics_path)
         _fsync_dir(self.path)
         return len(kept)
+
+
+class NewPaths:
+    """What exists at and under `path` now, so that whatever one invocation adds can be taken away again.
+
+    A run that fails before its first step must leave nothing behind, but the directory may hold a
+    previous run's results (a resume) or sit in a folder other runs share: only paths that did not
+    exist when this was made are removed, folders only while empty (never another run's files).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.missing: list[Path] = []  # path and the ancestors that do not exist yet, deepest first
+        for p in (self.path, *self.path.parents):
+            if p.exists():
+                break
+            self.missing.append(p)
+        self.before = set(self.path.rglob("*")) if self.path.is_dir() else set()
+
+    def remove(self) -> None:
+        """Delete every file and (empty) folder added since; then the folders on the way that were made."""
+        added = set(self.path.rglob("*")) - self.before if self.path.is_dir() else set()
+        for p in sorted(added, key=lambda p: len(p.parts), reverse=True):  # contents before their folder
+            try:
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+            except OSError:
+                pass  # something else lives there now: leave it
+        for d in self.missing:
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 # --- environment -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,12 +14,12 @@ import torch.nn.functional as F
 from ghostsys.run import dist
 from ghostsys.run.checkpoint import Checkpointer
 from ghostsys.run.config import ConfigError, RunConfig
-from ghostsys.run.data import BatchOrder, load_dataset
+from ghostsys.run.data import BatchOrder
 from ghostsys.run.engines import Engine, make_engine
 from ghostsys.run.feed import Feed
-from ghostsys.nn.models import build_model
-from ghostsys.run.modes import MODES, norm_factory
-from ghostsys.run.rundir import RunDir, environment
+from ghostsys.run.modes import MODES
+from ghostsys.run.prepare import agreed, load_ds_config, open_data_and_model, resolve
+from ghostsys.run.rundir import NewPaths, RunDir, environment
 from ghostsys.run.schedules import make_schedule
 
 
@@ -67,43 +68,21 @@ class Setup:
     feed: Feed | None = None  # this rank's batches (in process, or a DataLoader with workers)
 
 
-def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
-    """Fill in the launched world size and validate; raises ConfigError naming the fix.
-
-    A parent `accelerate launch --num_processes N` that started fewer processes counts as --nprocs N.
-    """
-    cfg = cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
-    if cfg.engine == "deepspeed":  # refuse a contradicting DeepSpeed JSON before anything is written
-        from ghostsys.run.engines import validate_ds_config
-
-        try:
-            validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage,
-                               cfg.grad_clip)
-        except ValueError as err:
-            raise ConfigError(f"{err}; fix --deepspeed-config {cfg.deepspeed_config} or drop the keys") from None
-    return cfg
-
-
 def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
-    """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine."""
+    """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine.
+
+    The data and the bare model come first (no collective there), so a bad --data-root, --model,
+    --batch-size or --channel-groups is refused on every rank before anything waits for a peer.
+    """
     dtype = getattr(torch, cfg.dtype)
-    # eval_split test: the papers' §3.1 protocol, train on the whole training set and evaluate on the test set.
-    train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, eval_split=cfg.eval_split,
-                                            val_fraction=0.0 if cfg.eval_split == "test" else 0.1)
-    if cfg.batch_size > len(train_set):  # BatchOrder would refuse it too, but without naming the flag
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples of "
-                          f"{cfg.dataset}; lower it")
-    order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]),
-                        norm=norm_factory(cfg))
+    train_set, val_set, meta, order, model = agreed(lambda: open_data_and_model(cfg))
     model = MODES[cfg.mode].wrap(model, cfg).to(device=info.device, dtype=dtype)
     total = order.steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_schedule(cfg.schedule, optimizer, total_steps=total, steps_per_epoch=order.steps_per_epoch)
     engine = make_engine(cfg.engine, model, optimizer, scheduler, nfp=cfg.nfp, micro_batch=cfg.micro_batch,
-                         world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=_load_ds_config(cfg),
+                         world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=load_ds_config(cfg),
                          grad_clip=cfg.grad_clip)
     feed = Feed(order=order, train_set=train_set, val_set=val_set, rank=info.rank, world_size=info.world_size,
                 nfp=cfg.nfp, seed=cfg.seed, aug=augment_kwargs(cfg), device=info.device, dtype=dtype,
@@ -114,18 +93,6 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
 def augment_kwargs(cfg: RunConfig) -> dict | None:
     """augment()'s keywords for this run (flips and 4-px pad-and-crop, plus Cutout), or None without --augment."""
     return {"cutout": cfg.cutout} if cfg.augment else None
-
-
-def _load_ds_config(cfg: RunConfig) -> dict | None:
-    if not cfg.deepspeed_config:
-        return None
-    import json
-    from pathlib import Path
-
-    path = Path(cfg.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"--deepspeed-config {path} does not exist; pass a DeepSpeed JSON file or drop the flag")
-    return json.loads(path.read_text())
 
 
 def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -222,58 +189,73 @@ class _Timer:
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary row (on every rank)."""
+    """Run (or resume) one training run; returns the summary row (on every rank).
+
+    Every check comes before the run directory is written; a run that fails before its first step
+    removes what it wrote (never what was there before).
+    """
+    cfg = resolve(cfg, dist.expected_world())
     info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
     try:
-        cfg = resolve(cfg, info)
         return _train(cfg, info, tuple(callbacks))
     finally:
         dist.shutdown()
 
 
 def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
-    run = RunDir(cfg.run_dir()) if info.is_main else None
+    path = cfg.run_dir()
+    agreed(lambda: _check_run_dir(path, cfg) if info.is_main else None)
+    if (path / "summary.json").exists():  # the same command again after it finished: report, don't retrain
+        import json
+
+        summary = json.loads((path / "summary.json").read_text())
+        if info.is_main:
+            print(f"already complete: {path} (pass another --out to train again)", flush=True)
+        return summary
     if info.is_main:
         print(cfg.pretty(), flush=True)
         for w in cfg.mode_warnings():
             print(f"warning: {w}", flush=True)
-        _claim_run_dir(run, cfg)
-    dist.barrier()
-    done = cfg.run_dir() / "summary.json"
-    if done.exists():  # the same command again after it finished: report, don't retrain
-        import json
-
-        summary = json.loads(done.read_text())
-        if info.is_main:
-            print(f"already complete: {cfg.run_dir()} (pass another --out to train again)", flush=True)
-        return summary
     s = build(cfg, info)
-    ckpt = Checkpointer(cfg.run_dir() / "checkpoints", info, keep=cfg.keep_checkpoints)
-    start = ckpt.resume(s.engine)
-    if info.is_main:
-        if start:
-            print(f"resuming from the checkpoint at step {start}", flush=True)
-            run.truncate_metrics_after(start)
-        run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
-    summary = _loop(s, run, ckpt, start, callbacks)
+    ckpt = Checkpointer(path / "checkpoints", info, keep=cfg.keep_checkpoints)
+    start = agreed(lambda: ckpt.resume(s.engine))
+    new = NewPaths(path) if info.is_main else None
+    run: RunDir | None = None
+    try:
+        if info.is_main:
+            run = RunDir(path)
+            run.write_config(cfg.resolved())
+            if start:
+                print(f"resuming from the checkpoint at step {start}", flush=True)
+                run.truncate_metrics_after(start)
+            run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
+        summary = _loop(s, run, ckpt, start, callbacks)
+    except BaseException:
+        if new is not None and (run is None or run.lines_written == 0):  # not one step done: leave no trace
+            new.remove()
+        raise
     if info.is_main:
         run.write_summary(summary)
-        print(f"results: {cfg.run_dir()}  (eval acc {summary['eval_acc']:.3f}, {summary['factorization']})", flush=True)
+        print(f"results: {path}  (eval acc {summary['eval_acc']:.3f}, {summary['factorization']})", flush=True)
     return summary
 
 
-def _claim_run_dir(run: RunDir, cfg: RunConfig) -> None:
-    """Refuse a directory that holds a different experiment; write config.json for a new one."""
+def _check_run_dir(path: Path, cfg: RunConfig) -> None:
+    """Refuse a directory that holds a different experiment (reads only)."""
     import json
 
-    existing = run.path / "config.json"
-    if existing.exists():
+    existing = path / "config.json"
+    if not existing.exists():
+        return
+    try:
         old = RunConfig.from_dict(json.loads(existing.read_text()))
-        if old.identity() != cfg.identity():
-            diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != old.identity().get(k))
-            raise ConfigError(f"{run.path} holds a run with a different configuration (differs in: {', '.join(diff)}); "
-                              "pass another --out or remove that directory")
-    run.write_config(cfg.resolved())
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"--out {path}: its config.json cannot be read ({err}); pass another --out or remove "
+                          "that directory") from None
+    if old.identity() != cfg.identity():
+        diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != old.identity().get(k))
+        raise ConfigError(f"--out {path} holds a run with a different configuration (differs in: {', '.join(diff)}); "
+                          "pass another --out or remove that directory")
 
 
 def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,

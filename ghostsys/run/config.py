@@ -23,6 +23,7 @@ SCHEDULES = ("constant", "onecycle", "warmup_cosine")
 STATS_POLICIES = ("mean", "sequential")
 BUFFER_SYNCS = ("engine", "allreduce")
 DTYPES = ("float32", "float64")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 # Fields that say where and how loudly a run goes, not what it computes: left out of the run's
 # identity so the same experiment maps to the same directory (and resumes) whatever they are.
@@ -96,6 +97,9 @@ class RunConfig:
     """Seed for weights, data order, augmentation and noise."""
     dtype: str = "float32"
     """Parameter and activation dtype: float32 or float64."""
+    mixed_precision: str = "no"
+    """Mixed precision: no, bf16 or fp16 (CUDA only), applied through the engine's own mechanism
+    (Accelerate's autocast; DeepSpeed's bf16/fp16 mode); must agree with `accelerate launch --mixed_precision`."""
     augment: bool = False
     """Flips, pad-and-crop and Cutout, seeded per (seed, epoch, sample) so every mode sees the same."""
     zero_stage: int = 0
@@ -216,9 +220,25 @@ class RunConfig:
                               "float32 master weights); use --dtype float32, or --engine accelerate for float64")
         if self.engine != "deepspeed" and (self.zero_stage or self.deepspeed_config):
             raise ConfigError("--zero-stage/--deepspeed-config need --engine deepspeed")
+        self._validate_mixed_precision()
         if self.buffer_sync == "allreduce" and self.mode == "syncbn":
             warnings.warn("--buffer-sync allreduce with syncbn: synced ranks already hold equal buffers", stacklevel=2)
         return self
+
+    def _validate_mixed_precision(self) -> None:
+        # Device-dependent rules (fp16 needs CUDA) and the launcher's own setting are checked in
+        # ghostsys.run.train.resolve, where the device and the environment are known.
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"--mixed-precision {self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISIONS)}")
+        if self.mixed_precision != "no" and self.dtype != "float32":
+            raise ConfigError(f"--mixed-precision {self.mixed_precision} computes in low precision over float32 weights; "
+                              f"use --dtype float32 with it (got --dtype {self.dtype}), or --mixed-precision no")
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise ConfigError("--mixed-precision fp16 needs a CUDA device (neither engine runs fp16 on CPU); "
+                              "use --mixed-precision bf16 on CPU")
+        if self.mixed_precision == "fp16" and self.engine == "deepspeed":
+            raise ConfigError("--engine deepspeed --mixed-precision fp16 is not supported: ghostsys does not checkpoint "
+                              "DeepSpeed's dynamic loss scaler; use --mixed-precision bf16, or --engine accelerate for fp16")
 
     def mode_warnings(self) -> list[str]:
         """Legal but probably unintended combinations, said once at start."""
@@ -239,13 +259,16 @@ class RunConfig:
         """The fields that decide the results (everything but output place and verbosity)."""
         ident = {k: v for k, v in self.to_dict().items() if k not in _NON_IDENTITY}
         ident["norm"] = self.resolved_norm  # --norm left to the mode's default is the same experiment as naming it
+        if ident["mixed_precision"] == "no":  # full precision keeps the names runs had before the field existed
+            del ident["mixed_precision"]
         return ident
 
     def run_name(self) -> str:
         """A readable, deterministic directory name: the same experiment gets the same name."""
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return (f"{self.mode}-{self.engine}-{self.model.replace(':', '_')}-{self.resolved_norm}-{self.dataset}"
-                f"-M{self.batch_size}-gm{self.effective_gm}-ng{self.world_size}-nfp{self.nfp}-s{self.seed}-{digest}")
+                f"-M{self.batch_size}-gm{self.effective_gm}-ng{self.world_size}-nfp{self.nfp}-s{self.seed}"
+                f"{'' if self.mixed_precision == 'no' else '-' + self.mixed_precision}-{digest}")
 
     def run_dir(self) -> Path:
         """Where this run's results go."""

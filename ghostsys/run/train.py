@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ghostsys.run import dist
 from ghostsys.run.checkpoint import Checkpointer
@@ -19,6 +20,10 @@ from ghostsys.nn.models import build_model
 from ghostsys.run.modes import MODES, norm_factory
 from ghostsys.run.rundir import RunDir, environment
 from ghostsys.run.schedules import make_schedule
+
+
+# The profiler attributes collectives inside this range to the loop's own loss/accuracy reduction.
+LOSS_STATS_RANGE = "ghostsys:loss_stats"
 
 
 class TrainingError(RuntimeError):
@@ -60,7 +65,7 @@ class Setup:
     train_set: Any
     val_set: Any
     meta: dict
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # the batches' dtype (the engine's compute dtype)
     steps_per_epoch: int = 0
     total_steps: int = 0
 
@@ -69,13 +74,25 @@ def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
     """Fill in the launched world size and validate; raises ConfigError naming the fix.
 
     A parent `accelerate launch --num_processes N` that started fewer processes counts as --nprocs N.
+    A launcher's mixed precision (`accelerate launch --mixed_precision X`) that differs from --mixed-precision
+    is refused rather than adopted: the run's identity (its directory, resume) comes from the script's own
+    flags, and Accelerate would otherwise train under X while config.json said something else.
     """
     cfg = cfg.replace(world_size=info.world_size, nprocs=cfg.nprocs or dist.requested_world() or 0).validate()
+    launched = dist.launcher_mixed_precision()
+    if launched is not None and launched != cfg.mixed_precision:
+        raise ConfigError(f"the launcher asks for mixed precision {launched} (accelerate launch --mixed_precision "
+                          f"{launched}) but the run says --mixed-precision {cfg.mixed_precision}; pass "
+                          f"--mixed-precision {launched} to the script, or launch with --mixed_precision {cfg.mixed_precision}")
+    if cfg.mixed_precision == "fp16" and info.device.type != "cuda":
+        raise ConfigError(f"--mixed-precision fp16 needs a CUDA device (this run is on {info.device.type}); "
+                          "use --mixed-precision bf16")
     if cfg.engine == "deepspeed":  # refuse a contradicting DeepSpeed JSON before anything is written
         from ghostsys.run.engines import validate_ds_config
 
         try:
-            validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage)
+            validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage,
+                               cfg.mixed_precision)
         except ValueError as err:
             raise ConfigError(f"{err}; fix --deepspeed-config {cfg.deepspeed_config} or drop the keys") from None
     return cfg
@@ -97,7 +114,10 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_schedule(cfg.schedule, optimizer, total_steps=total, steps_per_epoch=order.steps_per_epoch)
     engine = make_engine(cfg.engine, model, optimizer, scheduler, nfp=cfg.nfp, micro_batch=cfg.micro_batch,
-                         world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=_load_ds_config(cfg))
+                         world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=_load_ds_config(cfg),
+                         mixed_precision=cfg.mixed_precision)
+    # Batches go in the dtype the engine computes in (DeepSpeed bf16 casts the weights, not the inputs).
+    dtype = engine.input_dtype or dtype
     return Setup(cfg, info, engine, optimizer, order, train_set, val_set, meta, dtype, order.steps_per_epoch, total)
 
 
@@ -151,7 +171,8 @@ def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.T
     engine.step()
     if s.cfg.buffer_sync == "allreduce":
         dist.all_reduce_buffers_mean_(engine.unwrapped)
-    return dist.all_reduce_sum_(stats)
+    with record_function(LOSS_STATS_RANGE):  # lets the profiler tell this reduction from the engine's
+        return dist.all_reduce_sum_(stats)
 
 
 @torch.no_grad()
@@ -266,7 +287,8 @@ def _claim_run_dir(run: RunDir, cfg: RunConfig) -> None:
     if existing.exists():
         old = RunConfig.from_dict(json.loads(existing.read_text()))
         if old.identity() != cfg.identity():
-            diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != old.identity().get(k))
+            new_id, old_id = cfg.identity(), old.identity()
+            diff = sorted(k for k in new_id.keys() | old_id.keys() if new_id.get(k) != old_id.get(k))
             raise ConfigError(f"{run.path} holds a run with a different configuration (differs in: {', '.join(diff)}); "
                               "pass another --out or remove that directory")
     run.write_config(cfg.resolved())
@@ -321,7 +343,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         evaluation = evaluate(s)
     summary = {
         "status": "complete", "mode": cfg.mode, "engine": cfg.engine, "norm": cfg.resolved_norm, "model": cfg.model,
-        "dataset": cfg.dataset, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
+        "dataset": cfg.dataset, "mixed_precision": cfg.mixed_precision, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
         "sync_k": cfg.sync_k, "effective_gm": cfg.effective_gm, "factorization": cfg.factorization,
         "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "ghost_batch": cfg.ghost_batch,
         "buffer_sync": cfg.buffer_sync, "steps": s.total_steps, "resumed_from": start,

@@ -20,7 +20,7 @@ if [[ "$MODE" == "--cpu-smoke" ]]; then
   PROFILE=(--device cpu --model cnn --batch-size 32 --steps 2 --warmup 1 --profiled-steps 1)
   CHECK=(--batch-size 16 --target-gm 4 --steps 1 --modes layer)
   OVERHEAD=(--device cpu --reps 1 --steps 3 --warmup 1 --batch-size 32)
-  LIMIT=300
+  LIMIT=1200  # a shared CPU box: generous
 else
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu-check: SKIPPED: torch sees no CUDA device ($("$PY" -c 'import torch; print("torch", torch.__version__)')); nothing run"
@@ -47,7 +47,7 @@ step() {  # step NAME CMD...: run with a time limit, tee its table, say how long
   local name=$1; shift
   local t0=$SECONDS
   echo "== $name: $*"
-  if timeout "$LIMIT" "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"; then
+  if timeout -k 30 "$LIMIT" "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"; then
     echo "   ok in $((SECONDS - t0)) s -> $OUT/$name.md"
   else
     echo "   FAILED (exit $?) after $((SECONDS - t0)) s; see $OUT/$name.log"; FAILED=1

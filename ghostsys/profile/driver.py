@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +49,37 @@ def _launch(spec: Spec, script: str, cpu: bool, threads: int, log: Path) -> int:
         with open(log, "w") as f:
             f.write(" ".join(cmd + list(spec.argv)) + "\n")
             f.flush()
-            code = subprocess.call(cmd + list(spec.argv), stdout=f, stderr=subprocess.STDOUT, env=env)
+            # Its own session, so that a killed sweep takes the launcher and every rank down with it.
+            proc = subprocess.Popen(cmd + list(spec.argv), stdout=f, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            try:
+                code = proc.wait()
+            finally:
+                _stop(proc)
         if code == 0 or not port_clash(log.read_text(errors="replace")):
             return code
     return code
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a launch's whole process group if it is still running (the sweep was interrupted)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_sweep(p: ProfileConfig, script: str | Path) -> int:
     """Profile every spec the flags select, one launch each; returns the exit code (1 if any run failed)."""
     import torch
-    from tqdm import tqdm
 
     specs = expand(p)  # every run validated before anything is written
     cpu = p.device == "cpu" or (p.device == "auto" and not torch.cuda.is_available())
@@ -70,6 +93,30 @@ def run_sweep(p: ProfileConfig, script: str | Path) -> int:
                               f"use world sizes <= {have}, or --device cpu")
     logs = p.out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a scheduler, `timeout`) unwinds like Ctrl-C, so the running launch is stopped, not orphaned.
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
+    try:
+        failed = _run_all(specs, p, str(script), cpu)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+    rows = add_scaling(specs)
+    write_table(rows, p.out_dir / TABLE)
+    print(markdown(rows))
+    print(f"\nrows: {p.out_dir / TABLE}; every run: ghostsys.study.load({str(p.out_dir)!r})")
+    if failed:
+        print(f"error: {len(failed)} of {len(specs)} profile runs failed: "
+              + "; ".join(f"{s.row_id} (log {log})" for s, log in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_all(specs: list[Spec], p: ProfileConfig, script: str, cpu: bool) -> list[tuple[Spec, Path]]:
+    """Launch every spec not yet profiled, under a progress bar; returns the failed ones with their logs."""
+    from tqdm import tqdm
+
+    logs = p.out_dir / "logs"
     failed: list[tuple[Spec, Path]] = []
     bar = tqdm(specs, disable=not p.progress, unit="run", desc="profile", dynamic_ncols=True)
     for spec in bar:
@@ -81,21 +128,13 @@ def run_sweep(p: ProfileConfig, script: str | Path) -> int:
             tqdm.write(f"incomplete profile run {spec.run.out}: starting it again")
             shutil.rmtree(spec.run.out)
         log = logs / f"{spec.row_id}.log"
-        code = _launch(spec, str(script), cpu, p.threads_per_process, log)
+        code = _launch(spec, script, cpu, p.threads_per_process, log)
         if code:
             failed.append((spec, log))
             tqdm.write(f"FAILED (exit {code}): {spec.row_id}; last lines of {log}:\n"
                        + "\n".join(log.read_text(errors="replace").splitlines()[-8:]))
     bar.close()
-    rows = add_scaling(specs)
-    write_table(rows, p.out_dir / TABLE)
-    print(markdown(rows))
-    print(f"\nrows: {p.out_dir / TABLE}; every run: ghostsys.study.load({str(p.out_dir)!r})")
-    if failed:
-        print(f"error: {len(failed)} of {len(specs)} profile runs failed: "
-              + "; ".join(f"{s.row_id} (log {log})" for s, log in failed), file=sys.stderr)
-        return 1
-    return 0
+    return failed
 
 
 def add_scaling(specs: list[Spec]) -> list[dict[str, Any]]:

@@ -335,7 +335,9 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         if run is not None:
             run.append_metrics(last)
         bar.update(1)
-        bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}))
+        # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not on every step (measured ~0.5 ms).
+        bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}),
+                        refresh=False)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
             ckpt.save(done, s.engine)
     bar.close()

@@ -84,3 +84,11 @@ def test_accelerate_launch_mixed_precision_without_the_flag_is_refused(tmp_path)
                           cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "the launcher asks for mixed precision bf16" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+def test_engines_of_another_precision_follow_in_one_process(tmp_path):
+    """Accelerate keeps one precision per process: a float32 run after a bf16 one (checker, tests) must still run."""
+    for i, mp in enumerate(("bf16", "no", "bf16")):
+        s = train(RunConfig(batch_size=16, max_steps=1, progress=False, device="cpu", mixed_precision=mp,
+                            out=str(tmp_path / f"r{i}")))
+        assert s["mixed_precision"] == mp

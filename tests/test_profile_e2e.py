@@ -83,3 +83,18 @@ def test_a_finished_sweep_is_not_run_again(sweep):
     again = _profile(out)
     assert again.stdout.count("already profiled") == 4
     assert load(out).set_index(["mode", "world_size"])["samples_per_s"].equals(df["samples_per_s"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: CUDA allocator peaks, NVML sampling and NCCL traces are GPU-only")
+def test_profile_on_one_gpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/profile.py"), "--modes", "accumulate", "--world-sizes", "1",
+                           "--mixed-precision", "no,bf16", "--steps", "3", "--warmup", "1", "--profiled-steps", "1",
+                           "--device", "cuda", "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load(out)
+    assert len(df) == 2 and (df["peak_mem_reserved_bytes"] >= df["peak_mem_bytes"]).all() and (df["alloc_retries"] >= 0).all()
+    assert "cuda max allocated" in df["peak_mem_kind"].iloc[0]
+    assert df["nvml_note"].isna().all() or df["nvml_note"].str.contains("NVML").all()

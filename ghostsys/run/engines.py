@@ -114,6 +114,14 @@ class AccelerateEngine(Engine):
         cpu = not torch.cuda.is_available()
         if mixed_precision == "fp16" and cpu:  # Accelerate would silently train float32 instead
             raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 on CPU")
+        from accelerate.state import AcceleratorState
+
+        shared = AcceleratorState._shared_state
+        if shared and shared.get("_mixed_precision") != mixed_precision:
+            # Accelerate keeps one precision per process and refuses another; engines built one after the
+            # other in one process (the checker, tests, benchmarks) may differ. The process group
+            # (PartialState) is kept; only the precision-bearing AcceleratorState starts over.
+            AcceleratorState._reset_state()
         # Named explicitly, so ACCELERATE_MIXED_PRECISION from the launcher can never apply unrecorded.
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp])
         if self.accelerator.num_processes != world_size:

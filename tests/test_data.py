@@ -279,5 +279,5 @@ def test_missing_files_name_the_flag(tmp_path, name, expected):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="synthetic, mnist, cifar10, cifar100, imagenet"):
+    with pytest.raises(ValueError, match="synthetic, digits, mnist, cifar10, cifar100, imagenet"):
         load_dataset("svhn", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,16 +19,19 @@ from typing import Any
 MODES = ("layer", "accumulate", "unsynced", "syncbn")
 ENGINES = ("accelerate", "deepspeed")
 NORMS = ("batch", "ghost", "seq", "group", "noisy", "none")
-DATASETS = ("synthetic", "mnist", "cifar10", "cifar100", "imagenet")
-SCHEDULES = ("constant", "onecycle", "warmup_cosine")
+DATASETS = ("synthetic", "digits", "mnist", "cifar10", "cifar100", "imagenet")
+SCHEDULES = ("constant", "onecycle", "warmup_cosine", "nvidia_cosine")
 STATS_POLICIES = ("mean", "sequential")
 BUFFER_SYNCS = ("engine", "allreduce")
 DTYPES = ("float32", "float64")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+EVAL_SPLITS = ("val", "test")
+_WITH_TEST_SPLIT = ("digits", "mnist", "cifar10", "cifar100")
 
 # Fields that say where and how loudly a run goes, not what it computes: left out of the run's
 # identity so the same experiment maps to the same directory (and resumes) whatever they are.
-_NON_IDENTITY = ("out", "progress", "checkpoint_every", "nprocs", "keep_checkpoints", "collective_timeout")
+_NON_IDENTITY = ("out", "progress", "checkpoint_every", "nprocs", "keep_checkpoints", "collective_timeout",
+                 "preset", "num_workers")
 
 
 # Models whose norm layers see (M, C) features, where a one-sample ghost batch is a single value.
@@ -56,7 +60,8 @@ class RunConfig:
     model: str = "cnn"
     """Model name: cnn, simplenet, resnet56, wrn28_10, or tv:<torchvision name>."""
     dataset: str = "synthetic"
-    """Data set: synthetic (seeded, embedded default), mnist, cifar10, cifar100, imagenet."""
+    """Data set: synthetic (seeded, embedded default), digits (scikit-learn's 8x8 digits, offline), mnist,
+    cifar10, cifar100, imagenet."""
     data_root: str | None = None
     """Local folder holding the data set files (never downloaded)."""
     batch_size: int = 256
@@ -92,7 +97,8 @@ class RunConfig:
     weight_decay: float = 5e-4
     """SGD weight decay."""
     schedule: str = "constant"
-    """Learning-rate schedule: constant, onecycle (the papers' super-convergence shape), warmup_cosine."""
+    """Learning-rate schedule: constant, onecycle (the papers' super-convergence shape), warmup_cosine
+    (peak/4 -> peak over 5 epochs, then cosine), nvidia_cosine (0 -> peak over 8 epochs, then cosine)."""
     seed: int = 0
     """Seed for weights, data order, augmentation and noise."""
     dtype: str = "float32"
@@ -101,7 +107,7 @@ class RunConfig:
     """Mixed precision: no, bf16 or fp16 (CUDA only), applied through the engine's own mechanism
     (Accelerate's autocast; DeepSpeed's bf16/fp16 mode); must agree with `accelerate launch --mixed_precision`."""
     augment: bool = False
-    """Flips, pad-and-crop and Cutout, seeded per (seed, epoch, sample) so every mode sees the same."""
+    """Flips and pad-and-crop (plus Cutout with --cutout), seeded per (seed, epoch, sample) so every mode sees the same."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0, 1 or 2."""
     deepspeed_config: str | None = None
@@ -120,6 +126,26 @@ class RunConfig:
     """Show a progress bar on rank 0."""
     collective_timeout: float = 300.0
     """Seconds a collective may wait for a peer before the job fails (a dead rank never hangs the job)."""
+
+    # --- the papers' experiments: presets, evaluation protocol, clipping, input pipeline, landscape probe ---
+    preset: str = ""
+    """Preset the other fields were filled from (launch/run.py --preset NAME; --preset list shows them); explicit
+    flags win. Recorded only: the resolved fields decide the run."""
+    eval_split: str = "val"
+    """val: hold out a stratified 10% of the training set and evaluate on it; test: train on the whole training
+    set and evaluate on the test split (digits, mnist, cifar10, cifar100)."""
+    cutout: int = 0
+    """Side in pixels of the Cutout square (DeVries & Taylor) applied with --augment; 0 = no Cutout."""
+    grad_clip: float = 0.0
+    """Clip the global L2 norm of each step's gradient to this value before the update; 0 = no clipping."""
+    num_workers: int = -1
+    """DataLoader worker processes that load and augment batches; -1 = auto (workers for file-backed data sets,
+    none for in-memory tensors, which are sliced in place); 0 = in-process. Never changes results."""
+    landscape_lrs: str = ""
+    """Loss-landscape probe (Santurkar et al.): comma-separated step sizes eta; before the update the loss at
+    theta - eta*g is measured on the step's batch. x0.5,x1 = multiples of the current lr. Empty = off."""
+    landscape_every: int = 1
+    """Run the loss-landscape probe every this many steps (with --landscape-lrs)."""
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -223,6 +249,7 @@ class RunConfig:
         self._validate_mixed_precision()
         if self.buffer_sync == "allreduce" and self.mode == "syncbn":
             warnings.warn("--buffer-sync allreduce with syncbn: synced ranks already hold equal buffers", stacklevel=2)
+        self._validate_papers()
         return self
 
     def _validate_mixed_precision(self) -> None:
@@ -239,6 +266,50 @@ class RunConfig:
         if self.mixed_precision == "fp16" and self.engine == "deepspeed":
             raise ConfigError("--engine deepspeed --mixed-precision fp16 is not supported: ghostsys does not checkpoint "
                               "DeepSpeed's dynamic loss scaler; use --mixed-precision bf16, or --engine accelerate for fp16")
+    def _validate_papers(self) -> None:
+        """Checks of the fields added for the papers' experiments (presets, protocol, pipeline, probe)."""
+        if self.preset:
+            from ghostsys.run.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ConfigError(f"--preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)} "
+                                  "(--preset list shows them with their sources)")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"--eval-split {self.eval_split!r} is unknown; choose one of {', '.join(EVAL_SPLITS)}")
+        if self.eval_split == "test" and self.dataset not in _WITH_TEST_SPLIT:
+            raise ConfigError(f"--eval-split test needs a data set with a test split ({', '.join(_WITH_TEST_SPLIT)}); "
+                              f"{self.dataset} has train and val only: use --eval-split val")
+        if self.cutout < 0:
+            raise ConfigError(f"--cutout must be >= 0 pixels (got {self.cutout}); 0 = no Cutout")
+        if self.cutout and not self.augment:
+            raise ConfigError(f"--cutout {self.cutout} is applied by the augmentation: add --augment (or use --cutout 0)")
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be a finite norm >= 0 (got {self.grad_clip}); 0 = no clipping")
+        if self.num_workers < -1:
+            raise ConfigError(f"--num-workers must be >= 0, or -1 for auto (got {self.num_workers})")
+        if self.landscape_every < 1:
+            raise ConfigError(f"--landscape-every must be >= 1 step (got {self.landscape_every})")
+        self.landscape_steps()  # raises ConfigError naming the bad entry
+        if self.landscape_lrs and self.engine == "deepspeed" and self.zero_stage > 0:
+            raise ConfigError(f"--landscape-lrs needs the full synced gradient in each parameter's .grad, which ZeRO stage "
+                              f"{self.zero_stage} partitions away; use --zero-stage 0 or --engine accelerate")
+
+    def landscape_steps(self) -> list[tuple[float, bool]]:
+        """The probe's step sizes as (value, relative): relative ones ('x0.5') multiply the current lr."""
+        steps = []
+        for raw in filter(None, (t.strip() for t in self.landscape_lrs.split(","))):
+            rel = raw[:1] in ("x", "X")
+            try:
+                value = float(raw[1:] if rel else raw)
+            except ValueError:
+                value = float("nan")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"--landscape-lrs entry {raw!r} is not a positive step size; give numbers such as "
+                                  "0.1,0.2,0.4 or multiples of the current lr such as x0.5,x1,x2")
+            steps.append((value, rel))
+        if self.landscape_lrs.strip() and not steps:
+            raise ConfigError(f"--landscape-lrs {self.landscape_lrs!r} holds no step size; e.g. 0.1,0.2,0.4")
+        return steps
 
     def mode_warnings(self) -> list[str]:
         """Legal but probably unintended combinations, said once at start."""

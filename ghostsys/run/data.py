@@ -22,14 +22,16 @@ from ghostsys.run.datasets import (
     fetch,
     image_folders,
     normalize,
+    DIGITS_SCALE,
     read_cifar,
+    read_digits,
     read_mnist,
     tensor_splits,
 )
 
 __all__ = ["InMemoryDataset", "BatchOrder", "augment", "fetch", "load_dataset", "synthetic", "DATASETS"]
 
-DATASETS = ("synthetic", "mnist", "cifar10", "cifar100", "imagenet")
+DATASETS = ("synthetic", "digits", "mnist", "cifar10", "cifar100", "imagenet")
 
 
 def derive_seed(*parts: Any) -> int:
@@ -243,7 +245,8 @@ def load_dataset(
     """(train, eval, meta) for `name` in DATASETS; eval is the stratified hold-out ('val') or the test set.
 
     MNIST/CIFAR: `val_fraction` of each class of the official train set is held out (0.1 gives the
-    papers' 45k/5k on CIFAR), seeded by `seed`; normalized by per-channel train mean/std. ImageNet:
+    papers' 45k/5k on CIFAR), seeded by `seed`; normalized by per-channel train mean/std. Digits
+    (scikit-learn, offline): a fixed stratified 20% test split, then the same seeded hold-out. ImageNet:
     the val folder is the eval set (`val_fraction` unused), images load lazily at `image_size`
     (default 224). Synthetic: `image_size` (default 16) sets the 3×S×S shape; no root needed.
     meta: num_classes, input_shape [C, H, W], name, eval_split, n_train, n_eval; plus mean/std (the
@@ -265,6 +268,10 @@ def load_dataset(
         s = image_size or 224
         train, evaluation = image_folders(root, s)
         meta = {"num_classes": len(train.classes), "input_shape": [3, s, s], "classes": list(train.classes)}
+    elif name == "digits":  # ships inside scikit-learn: no root, works offline
+        train, evaluation, stats = tensor_splits(read_digits(), seed=seed, val_fraction=val_fraction,
+                                                 eval_split=eval_split, scale=DIGITS_SCALE)
+        meta = {"num_classes": 10, "input_shape": list(train.x.shape[1:]), **stats}
     else:
         if root is None:
             raise FileNotFoundError(f"{name} needs a local data root (nothing is downloaded); pass --data-root DIR")

@@ -328,3 +328,13 @@ def under_launcher() -> bool:
     """True when a launcher started this process: torchrun / deepspeed / multi-process accelerate set
     WORLD_SIZE, and every `accelerate launch` (one process included) sets ACCELERATE_MIXED_PRECISION."""
     return "WORLD_SIZE" in os.environ or launcher_mixed_precision() is not None
+
+
+def local_world_size(world: int = 1) -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else
+    `world` (a single-node guess); what shares this node's CPUs among the ranks' data-loading workers."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = _env_int(name, 0)
+        if value > 0:
+            return value
+    return max(1, world)

@@ -57,12 +57,15 @@ class Engine(ABC):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                  micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                 ds_config: dict | None = None, mixed_precision: str = "no") -> None:
+                 ds_config: dict | None = None, grad_clip: float = 0.0, mixed_precision: str = "no") -> None:
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
         if nfp < 1 or micro_batch < 1 or world_size < 1:
             raise ValueError(f"nfp, micro_batch and world_size must be >= 1, got {nfp}, {micro_batch}, {world_size}")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {grad_clip}")
         self.nfp, self.micro_batch, self.world_size = nfp, micro_batch, world_size
+        self.grad_clip = grad_clip
         self.scheduler = scheduler
         self._backwards = 0  # micro-batches since the last step, to check the loop keeps the contract
 
@@ -103,9 +106,9 @@ class AccelerateEngine(Engine):
     name = "accelerate"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None, mixed_precision="no"):
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0, mixed_precision="no"):
         super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
-                         mixed_precision=mixed_precision)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)
         if zero_stage or ds_config:
             raise ValueError("zero_stage and ds_config are DeepSpeed options; the accelerate engine takes neither")
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -144,8 +147,12 @@ class AccelerateEngine(Engine):
         self.accelerator.backward(loss / self.nfp)
 
     def step(self) -> None:
-        """Optimizer step, one scheduler step (unprepared, so exactly one), zero grads."""
+        """Clip (if asked), optimizer step, one scheduler step (unprepared, so exactly one), zero grads."""
         self._check_step()
+        if self.grad_clip:  # after the last backward DDP has synced the grads: every rank clips alike
+            if self.accelerator.scaler is not None:  # fp16: clip the true gradients, not the loss-scaled ones
+                self.accelerator.unscale_gradients()
+            torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -175,13 +182,15 @@ _ZERO3_WHY = ("ZeRO stage 3 partitions the parameters themselves: between forwar
 
 
 def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_size: int, zero_stage: int,
-                       mixed_precision: str = "no") -> dict:
+                       grad_clip: float = 0.0, mixed_precision: str = "no") -> dict:
     """Merge a user DeepSpeed config with the batch geometry and precision ghostsys needs; ValueError on any contradiction."""
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage={zero_stage} is not supported: {_ZERO3_WHY}")
     needed = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": nfp,
               "train_batch_size": micro_batch * nfp * world_size, "zero_optimization.stage": zero_stage,
               "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
+    if grad_clip:  # ghostsys' --grad-clip is DeepSpeed's own global-norm clipping
+        needed["gradient_clipping"] = grad_clip
     user = dict(user_cfg or {})
     conflicts = []
     for dotted, value in needed.items():
@@ -216,12 +225,12 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None, mixed_precision="no"):
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0, mixed_precision="no"):
         super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
-                         mixed_precision=mixed_precision)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)
         if mixed_precision == "fp16":
             raise ValueError("DeepSpeed fp16 is not supported: ghostsys does not checkpoint its dynamic loss scaler; use bf16")
-        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage, mixed_precision)
+        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage, grad_clip, mixed_precision)
         if any(p.dtype == torch.float64 for p in model.parameters()):
             # Refuse up front rather than fail or lose precision later: ZeRO-0's gradient all-reduce buckets
             # only the accelerator's supported dtypes (no float64, CPU and CUDA alike) and asserts deep in the
@@ -339,10 +348,11 @@ ENGINES: dict[str, type[Engine]] = {"accelerate": AccelerateEngine, "deepspeed":
 
 def make_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                 micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                ds_config: dict | None = None, mixed_precision: str = "no") -> Engine:
-    """Build the named engine around a plain model, its torch optimizer and (optional) lr scheduler."""
+                ds_config: dict | None = None, grad_clip: float = 0.0, mixed_precision: str = "no") -> Engine:
+    """Build the named engine around a plain model, its torch optimizer and (optional) lr scheduler;
+    `grad_clip` > 0 clips the global gradient norm before every update."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
     return ENGINES[name](model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
                          zero_stage=zero_stage, broadcast_buffers=broadcast_buffers, ds_config=ds_config,
-                         mixed_precision=mixed_precision)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)

@@ -14,8 +14,9 @@ from torch.profiler import record_function
 from ghostsys.run import dist
 from ghostsys.run.checkpoint import Checkpointer
 from ghostsys.run.config import ConfigError, RunConfig
-from ghostsys.run.data import BatchOrder, augment, fetch, load_dataset
+from ghostsys.run.data import BatchOrder, load_dataset
 from ghostsys.run.engines import Engine, make_engine
+from ghostsys.run.feed import Feed
 from ghostsys.nn.models import build_model
 from ghostsys.run.modes import MODES, norm_factory
 from ghostsys.run.rundir import RunDir, environment
@@ -68,6 +69,7 @@ class Setup:
     dtype: torch.dtype = torch.float32  # the batches' dtype (the engine's compute dtype)
     steps_per_epoch: int = 0
     total_steps: int = 0
+    feed: Feed | None = None  # this rank's batches (in process, or a DataLoader with workers)
 
 
 def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
@@ -92,7 +94,7 @@ def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
 
         try:
             validate_ds_config(_load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage,
-                               cfg.mixed_precision)
+                               cfg.grad_clip, cfg.mixed_precision)
         except ValueError as err:
             raise ConfigError(f"{err}; fix --deepspeed-config {cfg.deepspeed_config} or drop the keys") from None
     return cfg
@@ -101,10 +103,13 @@ def resolve(cfg: RunConfig, info: dist.DistInfo) -> RunConfig:
 def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine."""
     dtype = getattr(torch, cfg.dtype)
-    train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
+    # eval_split test: the papers' §3.1 protocol, train on the whole training set and evaluate on the test set.
+    train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, eval_split=cfg.eval_split,
+                                            val_fraction=0.0 if cfg.eval_split == "test" else 0.1)
+    if cfg.batch_size > len(train_set):  # BatchOrder would refuse it too, but without naming the flag
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples of "
+                          f"{cfg.dataset}; lower it")
     order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
-    if order.steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples; lower it")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]),
                         norm=norm_factory(cfg))
@@ -115,10 +120,18 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     scheduler = make_schedule(cfg.schedule, optimizer, total_steps=total, steps_per_epoch=order.steps_per_epoch)
     engine = make_engine(cfg.engine, model, optimizer, scheduler, nfp=cfg.nfp, micro_batch=cfg.micro_batch,
                          world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=_load_ds_config(cfg),
-                         mixed_precision=cfg.mixed_precision)
+                         grad_clip=cfg.grad_clip, mixed_precision=cfg.mixed_precision)
     # Batches go in the dtype the engine computes in (DeepSpeed bf16 casts the weights, not the inputs).
     dtype = engine.input_dtype or dtype
-    return Setup(cfg, info, engine, optimizer, order, train_set, val_set, meta, dtype, order.steps_per_epoch, total)
+    feed = Feed(order=order, train_set=train_set, val_set=val_set, rank=info.rank, world_size=info.world_size,
+                nfp=cfg.nfp, seed=cfg.seed, aug=augment_kwargs(cfg), device=info.device, dtype=dtype,
+                stop_step=total, num_workers=cfg.num_workers, local_procs=dist.local_world_size(info.world_size))
+    return Setup(cfg, info, engine, optimizer, order, train_set, val_set, meta, dtype, order.steps_per_epoch, total, feed)
+
+
+def augment_kwargs(cfg: RunConfig) -> dict | None:
+    """augment()'s keywords for this run (flips and 4-px pad-and-crop, plus Cutout), or None without --augment."""
+    return {"cutout": cfg.cutout} if cfg.augment else None
 
 
 def _load_ds_config(cfg: RunConfig) -> dict | None:
@@ -135,15 +148,7 @@ def _load_ds_config(cfg: RunConfig) -> dict | None:
 
 def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's n_fp micro-batches for a global step: contiguous blocks of the seeded global batch."""
-    cfg, info = s.cfg, s.info
-    epoch = step // s.steps_per_epoch
-    out = []
-    for idx in s.order.local_micro_batches(step, info.rank, info.world_size, cfg.nfp):
-        x, y = fetch(s.train_set, idx)
-        if cfg.augment:
-            x = augment(x, idx, epoch, cfg.seed)
-        out.append((x.to(info.device, s.dtype), y.to(info.device)))
-    return out
+    return s.feed.train_batches(step)
 
 
 def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -192,10 +197,7 @@ def evaluate(s: Setup) -> dict[str, float]:
     n = len(s.val_set)
     lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)
-    for start in range(lo, hi, 512):
-        idx = torch.arange(start, min(start + 512, hi))
-        x, y = fetch(s.val_set, idx)
-        x, y = x.to(info.device, s.dtype), y.to(info.device)
+    for x, y in s.feed.eval_batches(lo, hi, 512):
         logits = model(x)
         stats += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                               (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=info.device, dtype=torch.float64)])
@@ -341,6 +343,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
             ckpt.save(done, s.engine)
     bar.close()
+    s.feed.close()
     if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state
         evaluation = evaluate(s)
     summary = {
@@ -348,7 +351,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         "dataset": cfg.dataset, "mixed_precision": cfg.mixed_precision, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
         "sync_k": cfg.sync_k, "effective_gm": cfg.effective_gm, "factorization": cfg.factorization,
         "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "ghost_batch": cfg.ghost_batch,
-        "buffer_sync": cfg.buffer_sync, "steps": s.total_steps, "resumed_from": start,
+        "buffer_sync": cfg.buffer_sync, "eval_split": cfg.eval_split, "steps": s.total_steps, "resumed_from": start,
         "final_train_loss": last.get("train_loss", float("nan")), "final_train_acc": last.get("train_acc", float("nan")),
         **evaluation, **timer.summary(cfg.batch_size), "wall_s": time.perf_counter() - wall0,
     }

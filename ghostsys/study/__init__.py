@@ -3,9 +3,10 @@
 ``results`` turns any set of run directories into one pandas DataFrame::
 
     from ghostsys.study import load
-    df = load(["runs/"])        # one row per run
+    df = load(["runs/"])        # one row per run (training, check and profile runs alike)
+    ranks = load_ranks(["runs/profile"])  # one row per (profiled run, rank)
 """
 
-from ghostsys.study.results import load, load_metrics
+from ghostsys.study.results import load, load_metrics, load_ranks
 
-__all__ = ["load", "load_metrics"]
+__all__ = ["load", "load_metrics", "load_ranks"]

@@ -19,12 +19,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-LAUNCHERS = ("python", "torchrun", "accelerate", "deepspeed")
+from ghostsys.run.launchers import LAUNCHERS
+from ghostsys.run.launchers import launcher_command as _launcher_command
+
 META = ("row_id", "launcher", "nprocs", "script")
 DEFAULT_SCRIPT = "launch/run.py"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -134,43 +134,14 @@ def row_argv(row: Mapping[str, Any]) -> list[str]:
     return argv
 
 
-def _bin(name: str) -> str:
-    here = Path(sys.executable).parent / name  # the launcher installed beside this interpreter (the venv's)
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
 def launcher_command(launcher: str, nprocs: int, script: str, *, port: int | None = None,
                      cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and extra environment that start `nprocs` processes of `script` on this node.
-
-    On CPU, `accelerate launch --cpu --num_processes N` starts ONE process, so CPU runs use
-    `--multi_gpu` with ACCELERATE_USE_CPU=1. `port` is the rendezvous port (None: the launcher's default).
-    """
-    if cpu is None:
-        import torch
-
-        cpu = not torch.cuda.is_available()
-    nprocs = int(nprocs)
-    if launcher == "python":
-        if nprocs != 1:
-            raise SweepError("launcher python starts one process; use torchrun, accelerate or deepspeed for more")
-        return [sys.executable, script], {}
-    if launcher == "torchrun":
-        cmd = [_bin("torchrun"), "--nproc_per_node", str(nprocs)]
-        return cmd + (["--master_port", str(port)] if port else []) + [script], {}
-    if launcher == "accelerate":
-        cmd = [_bin("accelerate"), "launch", "--num_processes", str(nprocs), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if nprocs > 1:
-            cmd.append("--multi_gpu")
-        elif cpu:
-            cmd.append("--cpu")
-        cmd += ["--main_process_port", str(port)] if port else []
-        return cmd + [script], ({"ACCELERATE_USE_CPU": "1"} if cpu else {})
-    if launcher == "deepspeed":
-        cmd = [_bin("deepspeed"), "--num_gpus", str(nprocs)]
-        return cmd + (["--master_port", str(port)] if port else []) + [script], {}
-    raise SweepError(f"launcher {launcher!r} is unknown; choose one of {', '.join(LAUNCHERS)}")
+    """The command prefix and extra environment that start `nprocs` processes of `script` on this node
+    (``ghostsys.run.launchers.launcher_command``, with a SweepError naming the fix)."""
+    try:
+        return _launcher_command(launcher, nprocs, script, port=port, cpu=cpu)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
 
 
 def row_command(row: Mapping[str, Any], out_dir: str | Path, *, port: int | None = None,

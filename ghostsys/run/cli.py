@@ -47,12 +47,20 @@ def config_from_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run fn; turn the errors a user can fix into one clear line on stderr and a non-zero exit code."""
+    """Run fn; turn the errors a user can fix into one clear line on stderr and a non-zero exit code.
+
+    A requested stop (SIGUSR1, see ghostsys.run.preempt) exits with EXIT_PREEMPTED (75) after its checkpoint.
+    """
     from ghostsys.run.config import ConfigError
+    from ghostsys.run.preempt import EXIT_PREEMPTED, Preempted
     from ghostsys.run.train import TrainingError
 
     try:
         fn()
+    except Preempted as stopped:  # not an error: a requested stop that the same command resumes
+        if stopped.is_main:
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

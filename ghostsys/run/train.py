@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ghostsys.run import dist
+from ghostsys.run import dist, preempt
 from ghostsys.run.checkpoint import Checkpointer
 from ghostsys.run.config import ConfigError, RunConfig
 from ghostsys.run.data import BatchOrder, augment, fetch, load_dataset
@@ -218,16 +218,22 @@ class _Timer:
 
 
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary row (on every rank)."""
-    info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
-    try:
-        cfg = resolve(cfg, info)
-        return _train(cfg, info, tuple(callbacks))
-    finally:
-        dist.shutdown()
+    """Run (or resume) one training run; returns the summary row (on every rank).
+
+    SIGUSR1 (``preempt.STOP_SIGNALS``) asks it to stop: all ranks stop at the same step boundary,
+    write a checkpoint and raise :class:`ghostsys.run.preempt.Preempted`; the same call resumes.
+    """
+    with preempt.stop_on_signals() as stop:  # first: a signal during start-up must not kill the run
+        info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
+        try:
+            cfg = resolve(cfg, info)
+            return _train(cfg, info, tuple(callbacks), stop)
+        finally:
+            dist.shutdown()
 
 
-def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = (),
+           stop: preempt.StopRequest | None = None) -> dict[str, Any]:
     run = RunDir(cfg.run_dir()) if info.is_main else None
     if info.is_main:
         print(cfg.pretty(), flush=True)
@@ -251,7 +257,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] 
             print(f"resuming from the checkpoint at step {start}", flush=True)
             run.truncate_metrics_after(start)
         run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
-    summary = _loop(s, run, ckpt, start, callbacks)
+    summary = _loop(s, run, ckpt, start, callbacks, stop or preempt.StopRequest())
     if info.is_main:
         run.write_summary(summary)
         print(f"results: {cfg.run_dir()}  (eval acc {summary['eval_acc']:.3f}, {summary['factorization']})", flush=True)
@@ -273,7 +279,7 @@ def _claim_run_dir(run: RunDir, cfg: RunConfig) -> None:
 
 
 def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
-          callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+          callbacks: tuple[Callback, ...], stop: preempt.StopRequest) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, info = s.cfg, s.info
@@ -283,9 +289,16 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
     last: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     wall0 = time.perf_counter()
+    saved = start  # the step of the newest checkpoint on disk (start: the one resumed from, or none)
     for cb in callbacks:
         cb.on_train_start(s, start)
     for step in range(start, s.total_steps):
+        # The step boundary: every rank learns whether any rank was asked to stop, so all stop here.
+        if dist.any_rank(stop.requested):
+            bar.close()
+            if step > saved:
+                ckpt.save(step, s.engine)
+            raise preempt.Preempted(step, cfg.run_dir(), stop.signame, info.is_main)
         extra: dict[str, Any] = {}
 
         def hook(batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = step) -> None:
@@ -316,6 +329,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}))
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
             ckpt.save(done, s.engine)
+            saved = done
     bar.close()
     if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state
         evaluation = evaluate(s)

@@ -85,9 +85,9 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     """Data, model (same init on every rank and in every mode), mode wrapper, optimizer, engine."""
     dtype = getattr(torch, cfg.dtype)
     train_set, val_set, meta = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
-    order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
-    if order.steps_per_epoch < 1:
+    if cfg.batch_size > len(train_set):  # before BatchOrder, whose ValueError would be a traceback
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} training samples; lower it")
+    order = BatchOrder(len(train_set), cfg.batch_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]),
                         norm=norm_factory(cfg))

@@ -141,8 +141,8 @@ class LocalSlurm:
         return proc
 
     def queued(self) -> set[str]:
-        """Ids (job id and array-task form) of every job not yet finished."""
-        out = self.run("squeue", "-h", "-o", "%A %i").stdout
+        """Every unfinished job's ids: its own, its array's (%F: the id sbatch printed) and task form (2_1)."""
+        out = self.run("squeue", "-h", "-o", "%A %F %i").stdout
         return {tok for line in out.splitlines() for tok in line.split()}
 
     def logs(self, tail: int = 4000) -> str:

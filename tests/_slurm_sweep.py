@@ -28,7 +28,7 @@ from ghostsys.run.rundir import read_jsonl
 from ghostsys.study.sweep import make_row, row_argv, write_table
 from tests._slurm import ROOT, LocalSlurm
 
-WAIT_S = 480  # the whole drill takes ~1.5 min on an idle 2-core machine; a hang fails instead of blocking CI
+WAIT_S = 600  # ~100 CPU-s of work in all (2 cores in CI); a hang fails the tests instead of blocking CI
 TINY = {"batch_size": 32, "max_steps": 3, "progress": False, "eval_every": 0}
 TWO_RANKS = {"mode": "unsynced", **TINY, "max_steps": 6}  # the drill: long enough to be signalled mid-way
 DRILL_SIGNAL_AFTER = 2  # steps logged before the drill's signal
@@ -86,28 +86,38 @@ def sweep_cli(*argv: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def run_sweep(cluster: LocalSlurm, base: Path) -> SlurmSweep:
     """Submit the sweep and the multi-node run; signal the drill mid-run; wait; collect."""
     t0 = time.monotonic()
     sw = SlurmSweep(base=base, table=write_table(sweep_rows(), base / "sweep.csv"), results=base / "sweep",
                     multinode_out=base / "multinode" / "run", multinode_log=base / "multinode" / "slurm.out")
-    os.environ["OMP_NUM_THREADS"] = "1"  # the tasks inherit the submit environment (--export=ALL)
-    rc, out, err = sweep_cli("submit", str(sw.table), "--results", str(sw.results), "--throttle", "2",
-                             "--max-requeues", "2")
-    assert rc == 0, out + err
-    sw.jobs["sweep"] = out.strip()  # the array job ids, comma-separated: all that submit prints on stdout
+    # The jobs inherit the environment at submission (--export=ALL): set what they need only for that moment.
+    with _environ(OMP_NUM_THREADS="1"):
+        rc, out, err = sweep_cli("submit", str(sw.table), "--results", str(sw.results), "--throttle", "2",
+                                 "--max-requeues", "2")
+        assert rc == 0, out + err
+        sw.jobs["sweep"] = out.strip()  # the array job ids, comma-separated: all that submit prints on stdout
     sw.multinode_log.parent.mkdir(parents=True)
-    env = {"GHOSTSYS_PROCS_PER_NODE": "2", "GHOSTSYS_PYTHON_BIN": str(Path(sys.executable).parent),
-           "GHOSTSYS_ROOT": str(ROOT)}
-    os.environ.update(env)
-    try:
+    with _environ(OMP_NUM_THREADS="1", GHOSTSYS_PROCS_PER_NODE="2", GHOSTSYS_ROOT=str(ROOT),
+                  GHOSTSYS_PYTHON_BIN=str(Path(sys.executable).parent)):
         sw.jobs["multinode"] = cluster.run(
             "sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", f"--output={sw.multinode_log}",
             f"--chdir={ROOT}", str(ROOT / "slurm" / "multinode.sh"), "torchrun", "launch/run.py",
             *row_argv(TWO_RANKS), "--out", str(sw.multinode_out)).stdout.strip()
-    finally:
-        for k in env:
-            os.environ.pop(k)
     drill_dir = sw.results / drill_row()["row_id"]
     deadline = time.monotonic() + WAIT_S
     while True:
@@ -116,8 +126,8 @@ def run_sweep(cluster: LocalSlurm, base: Path) -> SlurmSweep:
             break
         if not sw.signalled and len(read_jsonl(drill_dir / "metrics.jsonl")) >= DRILL_SIGNAL_AFTER:
             starts = [a for a in read_jsonl(drill_dir / "attempts.jsonl") if a.get("event") == "start"]
-            sw.signalled = {"job": starts[-1]["slurm_job_id"], "at_steps": str(len(read_jsonl(drill_dir / "metrics.jsonl")))}
-            cluster.run("scancel", "--signal=USR1", "--batch", sw.signalled["job"])
+            sw.signalled = {"job": starts[-1]["slurm_job_id"], "after_steps": str(DRILL_SIGNAL_AFTER)}
+            cluster.run("scancel", "--signal=USR1", "--batch", sw.signalled["job"])  # the batch shell only
         if time.monotonic() > deadline:
             raise AssertionError(f"the Slurm sweep did not finish in {WAIT_S} s (still queued: {sorted(queued)})\n"
                                  f"{sw.logs()}\n{cluster.logs()}")

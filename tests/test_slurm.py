@@ -15,7 +15,8 @@ from ghostsys.run.rundir import read_jsonl
 from ghostsys.study.sweep import read_table
 from tests._slurm_sweep import drill_row
 
-pytestmark = pytest.mark.dist
+# The first test also pays for the session's sweep (tests/_slurm_sweep.py, bounded by its WAIT_S).
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
 SUMMARY_NUMBERS = ("final_train_loss", "final_train_acc", "eval_loss", "eval_acc", "steps", "effective_gm")
 METRIC_KEYS = ("step", "train_loss", "train_acc", "lr", "eval_loss", "eval_acc")

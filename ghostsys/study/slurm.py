@@ -154,14 +154,6 @@ def require(tool: str) -> str:
     return path
 
 
-def running_jobs() -> set[str]:
-    """Job ids (plain and array-task form) that SLURM still knows as pending or running."""
-    proc = subprocess.run([require("squeue"), "-h", "-o", "%A %i"], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise SweepError(f"squeue failed ({proc.stderr.strip()[:200]}); is the SLURM controller reachable?")
-    return {tok for line in proc.stdout.splitlines() for tok in line.split()}
-
-
 def submit(cmd: list[str], env: dict[str, str]) -> str:
     """Run one sbatch command; return the job id it printed."""
     proc = subprocess.run([require("sbatch"), *cmd[1:]], capture_output=True, text=True, timeout=120,

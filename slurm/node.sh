@@ -37,5 +37,6 @@ if [[ -n ${GHOSTSYS_DRY_RUN:-} ]]; then
 fi
 if [[ $launcher == deepspeed ]]; then
     for h in ${GHOSTSYS_HOSTS:?}; do echo "$h slots=$per_node"; done > "$hostfile"
+    trap 'rm -f "$hostfile"' EXIT
 fi
 ghostsys_run "${cmd[@]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ghostsys.run.config import RunConfig
-from ghostsys.run.preempt import EXIT_PREEMPTED, Preempted, stop_on_signals
+from ghostsys.run.preempt import EXIT_PREEMPTED, Preempted, stop_on_signals, stopped_in
 from ghostsys.run.rundir import RunDir, umask, write_json_atomic
 from ghostsys.run.train import Callback, train
 from tests._mp import run_ranks
@@ -101,6 +101,7 @@ def test_the_entry_script_exits_75_after_a_requested_stop(capsys):
     assert guarded(stopped) == EXIT_PREEMPTED == 75
     err = capsys.readouterr().err
     assert "stopped on SIGUSR1 at step 4" in err and "resumes" in err
+    assert stopped_in(err.encode()) and not stopped_in(b"error: something else at step 4")  # what sweep runs look for
 
 
 # --- part 6: results readable as the user's umask says ------------------------------------------

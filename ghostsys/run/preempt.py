@@ -11,6 +11,7 @@ The same command, same ``--out``, resumes from that checkpoint to the same resul
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from contextlib import contextmanager
@@ -23,6 +24,9 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1,)
 
 
+_STOPPED = re.compile(rb"stopped on [^\n]* at step \d+ with a checkpoint in ")
+
+
 class Preempted(Exception):
     """The run stopped on request at a step boundary, after a checkpoint; the same command resumes."""
 
@@ -30,6 +34,12 @@ class Preempted(Exception):
         super().__init__(f"stopped on {signame} at step {step} with a checkpoint in {run_dir}/checkpoints; "
                          "the same command (same --out) resumes from there")
         self.step, self.run_dir, self.signame, self.is_main = step, run_dir, signame, is_main
+
+
+def stopped_in(output: bytes) -> bool:
+    """True when a run's output says it stopped on request (a launcher of several processes, e.g. torchrun,
+    reports the ranks' exit status 75 as its own 1; the message rank 0 prints survives)."""
+    return _STOPPED.search(output) is not None
 
 
 class StopRequest:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from ghostsys.run.preempt import EXIT_PREEMPTED
+from ghostsys.run.preempt import EXIT_PREEMPTED, stopped_in
 from ghostsys.run.rundir import read_jsonl
 from ghostsys.study.sweep import row_command
 
@@ -121,6 +121,8 @@ def run_row(row: Mapping[str, Any], results: str | Path, sink: BinaryIO | None =
         except KeyboardInterrupt:
             _record(d, "end", exit_code=130, wall_s=round(time.monotonic() - t0, 3))
             raise
+        if code not in (0, EXIT_PREEMPTED) and stopped_in(tail):
+            code = EXIT_PREEMPTED  # torchrun / accelerate launch turn the ranks' 75 into 1
         _record(d, "end", exit_code=code, wall_s=round(time.monotonic() - t0, 3))
         clash = port is not None and any(p.encode() in tail for p in PORT_CLASH)
         if code == 0 or not clash or attempt:

@@ -28,7 +28,7 @@ from ghostsys.run.rundir import read_jsonl
 from ghostsys.study.sweep import make_row, row_argv, write_table
 from tests._slurm import ROOT, LocalSlurm
 
-WAIT_S = 900  # ~180 CPU-s of work (cpuacct; ~1.5 min on 2 idle cores, 10 min on a 7x-oversubscribed one): a bound for hangs
+WAIT_S = 900  # ~180 CPU-s of work (cpuacct, measured on a loaded 2-core machine, 10 min wall there): a bound for hangs
 TINY = {"batch_size": 32, "max_steps": 3, "progress": False, "eval_every": 0}
 TWO_RANKS = {"mode": "unsynced", **TINY, "max_steps": 6}  # the drill: long enough to be signalled mid-way
 DRILL_SIGNAL_AFTER = 2  # steps logged before the drill's signal

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from ghostsys.run.rundir import read_jsonl
-from ghostsys.study.sweep import read_table
-from tests._slurm_sweep import drill_row
+from ghostsys.study.sweep import make_row, read_table, write_table
+from tests._slurm_sweep import drill_row, sweep_cli
 
 # The first test also pays for the session's sweep (tests/_slurm_sweep.py, bounded by its WAIT_S).
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(1200)]
@@ -99,3 +99,19 @@ def test_results_are_readable_as_the_umask_says(slurm_sweep):
     assert {p.name for p in files} >= {"config.json", "env.json", "summary.json", "metrics.jsonl", "rank1.pt"}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+
+
+def test_submit_skips_complete_rows_and_refuses_a_second_submission_while_the_first_is_queued(
+        slurm_sweep, slurm_cluster, tmp_path):
+    sw = slurm_sweep
+    rc, out, err = sweep_cli("submit", str(sw.table), "--results", str(sw.results))
+    assert rc == 0 and out == "" and "nothing to submit" in err
+    table = write_table([make_row({"mode": "layer", "ghost_groups": 2, "max_steps": 1}, name="held")], tmp_path / "t.csv")
+    rc, out, err = sweep_cli("submit", str(table), "--results", str(tmp_path / "res"), "--sbatch=--hold")
+    assert rc == 0, err
+    try:
+        assert out.strip() in slurm_cluster.queued()  # held: pending until released
+        rc, out2, err2 = sweep_cli("submit", str(table), "--results", str(tmp_path / "res"))
+        assert rc == 2 and f"still queued or running ({out.strip()}" in err2 and out2 == ""
+    finally:
+        slurm_cluster.run("scancel", out.strip())

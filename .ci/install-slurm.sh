@@ -21,6 +21,7 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(slurmctld slurmd slurm-client)
+apt=("${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300)  # wait for another apt/dpkg instead of failing
 # The package lists of a fresh machine may be empty or stale: update only when the install needs it.
-"${sudo[@]}" apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
-    || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q --no-install-recommends "${pkgs[@]}"; }
+"${apt[@]}" install -y --no-install-recommends "${pkgs[@]}" \
+    || { "${apt[@]}" update && "${apt[@]}" install -y --no-install-recommends "${pkgs[@]}"; }

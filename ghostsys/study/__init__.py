@@ -4,6 +4,9 @@
 
     from ghostsys.study import load
     df = load(["runs/"])        # one row per run
+
+``sweep`` (sweep tables and the command that runs a row), ``runner`` (run rows here, their states,
+``collect``) and ``slurm`` (site options, the sbatch commands) are what ``launch/sweep.py`` drives.
 """
 
 from ghostsys.study.results import load, load_metrics

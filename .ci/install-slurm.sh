@@ -10,7 +10,7 @@ fi
 if [ "$(id -u)" -eq 0 ]; then
     sudo=()
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo=(sudo -n)
+    sudo=(sudo -n env DEBIAN_FRONTEND=noninteractive)  # sudo drops the environment
 else
     echo "cannot install Slurm: not root and no passwordless sudo" >&2
     exit 1

@@ -156,6 +156,15 @@ def all_reduce_sum_(t: Tensor, group: ProcessGroup | None = None) -> Tensor:
     return t
 
 
+def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
+    """True on every rank of ``group`` when ``flag`` is true on at least one (one 1-element all-reduce)."""
+    if world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def _comm_device(group: ProcessGroup | None) -> torch.device:
     # NCCL only moves CUDA tensors; everything else here goes through gloo on the CPU.
     if is_initialized() and dist.get_backend(group) == "nccl":

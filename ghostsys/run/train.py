@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from ghostsys.run import dist
+from ghostsys.run import dist, preempt
 from ghostsys.run.checkpoint import Checkpointer
 from ghostsys.run.config import ConfigError, RunConfig
 from ghostsys.run.data import BatchOrder
@@ -201,16 +201,21 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
     Every check comes before the run directory is written; a run that fails before its first step
     removes what it wrote (never what was there before).
+
+    SIGUSR1 (``preempt.STOP_SIGNALS``) asks it to stop: all ranks stop at the same step boundary,
+    write a checkpoint and raise :class:`ghostsys.run.preempt.Preempted`; the same call resumes.
     """
-    cfg = resolve(cfg, dist.expected_world())
-    info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
-    try:
-        return _train(cfg, info, tuple(callbacks))
-    finally:
-        dist.shutdown()
+    with preempt.stop_on_signals() as stop:  # first: a signal during start-up must not kill the run
+        cfg = resolve(cfg, dist.expected_world())
+        info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
+        try:
+            return _train(cfg, info, tuple(callbacks), stop)
+        finally:
+            dist.shutdown()
 
 
-def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = (),
+           stop: preempt.StopRequest | None = None) -> dict[str, Any]:
     path = cfg.run_dir()
     agreed(lambda: _check_run_dir(path, cfg) if info.is_main else None)
     if (path / "summary.json").exists():  # the same command again after it finished: report, don't retrain
@@ -237,7 +242,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] 
                 print(f"resuming from the checkpoint at step {start}", flush=True)
                 run.truncate_metrics_after(start)
             run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
-        summary = _loop(s, run, ckpt, start, callbacks)
+        summary = _loop(s, run, ckpt, start, callbacks, stop or preempt.StopRequest())
     except BaseException:
         if new is not None and (run is None or run.lines_written == 0):  # not one step done: leave no trace
             new.remove()
@@ -268,7 +273,7 @@ def _check_run_dir(path: Path, cfg: RunConfig) -> None:
 
 
 def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
-          callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+          callbacks: tuple[Callback, ...], stop: preempt.StopRequest) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, info = s.cfg, s.info
@@ -278,9 +283,16 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
     last: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     wall0 = time.perf_counter()
+    saved = start  # the step of the newest checkpoint on disk (start: the one resumed from, or none)
     for cb in callbacks:
         cb.on_train_start(s, start)
     for step in range(start, s.total_steps):
+        # The step boundary: every rank learns whether any rank was asked to stop, so all stop here.
+        if dist.any_rank(stop.requested):
+            bar.close()
+            if step > saved:
+                ckpt.save(step, s.engine)
+            raise preempt.Preempted(step, cfg.run_dir(), stop.signame, info.is_main)
         extra: dict[str, Any] = {}
 
         def hook(batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = step) -> None:
@@ -313,6 +325,7 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
                         refresh=False)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
             ckpt.save(done, s.engine)
+            saved = done
     bar.close()
     s.feed.close()
     if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state

@@ -87,6 +87,11 @@ class CheckConfig:
         if self.sync_group_size and world % self.sync_group_size:
             raise ConfigError(f"--sync-group-size {self.sync_group_size} does not divide the {world} launched "
                               f"process(es); valid: {[k for k in range(1, world + 1) if world % k == 0]}")
+        if self.inject in ("interleaved", "wrong-rank-buffers") and world == 1:
+            # Both are data-parallel faults: on one process the strided order IS the contiguous one and there is
+            # no other rank's buffers, so the "faulty" run is the correct one and exit 4 would blame the precision.
+            raise ConfigError(f"--inject {self.inject} is a data-parallel fault that does not exist on 1 process; launch "
+                              "2 (torchrun --nproc_per_node 2 launch/check.py ...), or use --inject no-nfp-scaling")
         c = replace(self, dtype=("float32" if self.engine == "deepspeed" else "float64") if self.dtype == "auto" else self.dtype)
         if c.dtype == "bf16-autocast" and c.engine == "deepspeed":
             # DeepSpeed's bf16 runs on CPU but is not autocast (bf16 weights, activations, buffers and loss over

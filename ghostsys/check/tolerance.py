@@ -114,11 +114,11 @@ class Precision:
 
     @property
     def control_reach(self) -> float:
-        """The smallest relative difference a control can show: CONTROL_FACTOR × SAFETY_FACTOR × unit roundoff.
+        """The smallest relative difference the logits control can pass at: CONTROL_FACTOR × SAFETY_FACTOR × u.
 
-        Every derived tolerance of the logits is at least SAFETY_FACTOR unit roundoffs of this precision, and
-        a control must differ by CONTROL_FACTOR tolerances. At 1 or above (bf16: 100 × 3 × 2^-8 = 1.17) that
-        takes outputs differing by more than their own size -- no change of G_M does that.
+        The logits' derived tolerance is at least SAFETY_FACTOR unit roundoffs of this precision (their dtype
+        under autocast), and a control must differ by CONTROL_FACTOR tolerances. At 1 or above (bf16: 100 × 3
+        × 2^-8 = 1.17) that takes outputs differing by more than their own size -- no change of G_M does that.
         """
         return CONTROL_FACTOR * SAFETY_FACTOR * self.unit_roundoff if self.derived else 0.0
 
@@ -169,11 +169,11 @@ def notes(p: Precision) -> list[str]:
     """What a report must say about the precision itself: where no control can be a clear one (bf16), why."""
     if p.hard_controls:
         return []
-    return [f"at {p.name} no control can differ by {CONTROL_FACTOR:g}x its tolerance: every tolerance of the logits is "
-            f"at least {SAFETY_FACTOR:g} x the unit roundoff {p.unit_roundoff:.1e}, so that would take a relative "
-            f"difference of {p.control_reach:.2f}, more than any change of G_M makes. The first-step controls are "
-            "stated with their margin below; the check passes only if one of them still differs by more than its "
-            "tolerance, and a fault smaller than a row's tolerance passes unseen"]
+    return [f"at {p.name} the first-step controls cannot be held to {CONTROL_FACTOR:g}x their tolerance: the logits' "
+            f"is at least {SAFETY_FACTOR:g} x the unit roundoff {p.unit_roundoff:.1e}, so that would take a relative "
+            f"difference of {p.control_reach:.2f}, more than any change of G_M makes (and the gradients' tolerance is "
+            "wider still). They are stated with their margin below; the check passes only if one of them still "
+            "differs by more than its tolerance, and a fault smaller than a row's tolerance passes unseen"]
 
 
 def precision(name: str) -> Precision:

@@ -1,4 +1,5 @@
-"""Session fixtures shared by several test files: a real local Slurm cluster and one short real sweep on it."""
+"""Session fixtures shared by several test files: a real local Slurm cluster and one short real sweep on it, whose
+equivalence table the end-to-end tests read (run here, without Slurm, where Slurm cannot be installed)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,21 @@ def slurm_cluster(tmp_path_factory):
 def slurm_sweep(slurm_cluster, tmp_path_factory):
     """ONE short real sweep through SLURM, run once per session (tests/_slurm_sweep.py): a 4-row array job
     (python, accelerate, 2-process torchrun, 2-process DeepSpeed), a preemption drill and a multi-node-template
-    run, all finished and collected. `.results` is the collected results folder, `.csv` its results.csv."""
+    run, all finished and collected. `.results` is the collected results folder, `.csv` its results.csv;
+    `.study` the equivalence table submitted with it (see study_sweep)."""
     from tests._slurm_sweep import run_sweep
 
     return run_sweep(slurm_cluster, tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="session")
+def study_sweep(request, tmp_path_factory):
+    """The equivalence table (tests/_slurm_sweep.py: every mechanism of G_M = 4, SyncBN, the control), run once per
+    session: through the real Slurm with slurm_sweep where Slurm is here, else through `launch/sweep.py run`
+    (same table, same results layout). A StudySweep: `.results`, `.table`, `.run_dir(name)`, `.via`."""
+    from tests._slurm_sweep import run_here
+
+    try:
+        return request.getfixturevalue("slurm_sweep").study
+    except pytest.skip.Exception:  # no Slurm on this machine: the same table, run here
+        return run_here(tmp_path_factory.mktemp("study"))

@@ -7,6 +7,7 @@ samples in the same ghost groups at every step and so reach the same losses.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -126,6 +127,9 @@ def test_default_job_learns_above_chance(tmp_path):
     assert "already complete" in again.stdout and summary(d) == s
 
 
+KILL9_STEPS = 30
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, as a node failure or SLURM's cgroup kill does (torchrun's
     workers run in sessions of their own, so killing its process group would leave them running)."""
@@ -166,16 +170,21 @@ def test_resume_after_kill9_ends_with_the_same_results(tmp_path, launcher, nproc
     scheduler and RNG). Two processes: also bit-identical here (gloo all-reduce of two ranks is
     deterministic), asserted at the same strictness.
     """
-    # ResNet-56 makes a step slow enough (~0.1-0.3 s on CPU) that the kill always lands mid-run.
-    args = ["--model", "resnet56", "--batch-size", "32", "--max-steps", "60", "--checkpoint-every", "10", "--no-progress",
-            "--norm", "noisy", "--noise-std", "0.01", "--eval-every", "30"] + (["--nprocs", "2", "--mode", "unsynced"] if nprocs > 1 else [])
+    # ResNet-56 makes a step slow enough (~0.1-0.3 s on CPU) that the kill always lands mid-run: after the
+    # checkpoints at steps 5 and 10, before the first evaluation, so the resume replays the steps since step 10.
+    args = ["--model", "resnet56", "--batch-size", "32", "--max-steps", str(KILL9_STEPS), "--checkpoint-every", "5",
+            "--no-progress", "--norm", "noisy", "--noise-std", "0.01", "--eval-every", "15"]
+    args += ["--nprocs", "2", "--mode", "unsynced"] if nprocs > 1 else []
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run([*args, "--out", str(straight)], launcher=launcher, nprocs=nprocs)
-    cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / "launch/run.py"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    had = _kill_when(cmd + args + ["--out", str(resumed)], env, resumed / "metrics.jsonl", lines=25)
-    assert not (resumed / "summary.json").exists() and had < 60
-    proc = run([*args, "--out", str(resumed)], launcher=launcher, nprocs=nprocs)
+    # The uninterrupted reference trains meanwhile (its own processes: nothing is shared with the killed run).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(run, [*args, "--out", str(straight)], launcher=launcher, nprocs=nprocs)
+        cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / "launch/run.py"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+        had = _kill_when(cmd + args + ["--out", str(resumed)], env, resumed / "metrics.jsonl", lines=13)
+        assert not (resumed / "summary.json").exists() and had < KILL9_STEPS
+        proc = run([*args, "--out", str(resumed)], launcher=launcher, nprocs=nprocs)
+        reference.result()
     assert "resuming from the checkpoint at step" in proc.stdout
     keys = ("step", "train_loss", "train_acc", "lr", "eval_loss", "eval_acc")
     a = [{k: m[k] for k in keys if k in m} for m in metrics(straight)]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -45,7 +44,8 @@ from ghostsys.study.sweep import make_row, row_argv, write_table
 from tests._slurm import ROOT, LocalSlurm
 
 # A bound for hangs, not a speed claim: the sweep alone was ~180 CPU-s of work (cpuacct, measured on a loaded
-# 2-core machine, 10 min wall there); the equivalence table adds about as much again.
+# 2-core machine, 10 min wall there); the equivalence table's seven 20-step runs come on top, and the other
+# tests run meanwhile.
 WAIT_S = 1800
 TINY = {"batch_size": 32, "max_steps": 3, "progress": False, "eval_every": 0}
 TWO_RANKS = {"mode": "unsynced", **TINY, "max_steps": 6}  # the drill: long enough to be signalled mid-way
@@ -223,7 +223,9 @@ def start_here(base: Path) -> Started:
 
     def wait(stopping: threading.Event) -> None:
         deadline = time.monotonic() + WAIT_S
-        while proc.poll() is None and not stopping.is_set():
+        while proc.poll() is None:
+            if stopping.is_set():
+                raise AssertionError("launch/sweep.py run was stopped at the session's end before it finished")
             if time.monotonic() > deadline:
                 raise AssertionError(f"launch/sweep.py run did not finish in {WAIT_S} s:\n{log.read_text()[-6000:]}")
             time.sleep(0.5)
@@ -231,9 +233,15 @@ def start_here(base: Path) -> Started:
             raise AssertionError(f"launch/sweep.py run exited {proc.returncode}:\n{log.read_text()[-6000:]}")
 
     def stop() -> None:
-        if proc.poll() is None:  # its own session: the runner, its launcher and the ranks
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # the runner and everything below it (torchrun's ranks have sessions of their own)
+            import psutil
+
+            tree = [psutil.Process(proc.pid)]
+            tree += tree[0].children(recursive=True)
+            for p in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(tree, timeout=30)
 
     return Started(wait, lambda: _collect(study), stop)
 

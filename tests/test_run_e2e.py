@@ -45,6 +45,7 @@ def _curve(run_dir: Path) -> torch.Tensor:
 def curves(study_sweep) -> dict[str, tuple[torch.Tensor, dict]]:
     """Every mechanism of G_M = 4 trained once (and BatchNorm G_M = 1 as the control): the rows of the session's
     equivalence table (tests/conftest.py: through the real Slurm where it is here, else launch/sweep.py run)."""
+    assert study_sweep.collect_rc == 0, study_sweep.collect_out  # collect names any failed or missing row
     out = {}
     for name, row in study_sweep.rows.items():
         d = study_sweep.run_dir(name)

@@ -22,10 +22,7 @@ from ghostsys.study import frames, plots
 figures = Path(figures)
 rows = frames.checks(results)
 if plots.have(rows, f"checker rows (check.jsonl) under {results}"):
-    for run, r in rows.groupby("check_run", sort=False):
-        comp, ctrl = r[~r["section"].isin(["control", "facts"])], r[r["section"] == "control"]
-        print(f"{run}: {comp['passed'].sum()}/{len(comp)} comparisons pass, worst err/tol {comp['ratio'].max():.2g}; "
-              f"the controls differ by >= {ctrl['ratio'].min():.2g} x tol")
+    print(frames.check_summary(rows).to_string(index=False, float_format="{:.2g}".format))
 
 # %%
 plots.check_heatmap(rows, figures / "equivalence_heatmap.png")

@@ -20,7 +20,7 @@ from ghostsys.study import frames, plots
 figures = Path(figures)
 curves = frames.curves(results)
 if plots.have(curves, f"training runs under {results}"):
-    print(f"{curves['run_dir'].nunique()} runs; G_M {sorted(curves['G_M'].unique())}; modes {sorted(curves['mode'].unique())}")
+    print(f"{curves['run_dir'].nunique()} runs; G_M {sorted(curves['G_M'].unique().tolist())}; modes {sorted(curves['mode'].unique().tolist())}")
 
 # %% [markdown]
 # ## Loss and accuracy per mode and `G_M`

@@ -63,10 +63,10 @@ def modes_rows(base: Mapping[str, Any], gms: Sequence[int] = (1, 2, 4, 8), nproc
             rows.append(make_row({**base, "mode": "layer", "ghost_groups": gm, "stats_policy": "sequential"},
                                  name=f"layer-seq-gm{gm}"))
         if nprocs > 1 and gm == 1:
-            rows.append(make_row({**base, "mode": "syncbn", "nprocs": nprocs}, name=f"syncbn-n{nprocs}-gm1",
+            rows.append(make_row({**base, "mode": "syncbn"}, name=f"syncbn-n{nprocs}-gm1",
                                  launcher="torchrun", nprocs=nprocs))
         if nprocs > 1 and gm % nprocs == 0:
-            flags = {**base, "mode": "unsynced", "nfp": gm // nprocs, "nprocs": nprocs}
+            flags = {**base, "mode": "unsynced", "nfp": gm // nprocs}
             rows.append(make_row(flags, name=f"unsynced-n{nprocs}-gm{gm}", launcher="torchrun", nprocs=nprocs))
             if gm == policies_at:
                 rows.append(make_row({**flags, "buffer_sync": "allreduce"}, name=f"unsynced-allreduce-gm{gm}",

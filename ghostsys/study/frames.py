@@ -225,6 +225,20 @@ def checks(paths: Paths) -> "pd.DataFrame":
     return df
 
 
+def check_summary(k: "pd.DataFrame") -> "pd.DataFrame":
+    """One row per checker run: comparisons passed, the worst err/tol among them, each control's err/tol and verdict."""
+    import pandas as pd
+
+    out = []
+    for run, r in k.groupby("check_run", sort=False):
+        comp, ctrl = r[~r["section"].isin(["control", "facts"])], r[r["section"] == "control"]
+        out.append({"check run": run, "passed": f"{int(comp['passed'].sum())}/{len(comp)}",
+                    "worst err/tol": comp["ratio"].max(),
+                    "control err/tol (must exceed 100)": ", ".join(
+                        f"{q} {x:.2g} ({v})" for q, x, v in zip(ctrl["quantity"], ctrl["ratio"], ctrl["verdict"]))})
+    return pd.DataFrame(out)
+
+
 def _world(df: "pd.DataFrame") -> int:
     m = df["factorization"].astype(str).str.extract(r"n_g (\d+)")[0].dropna()
     return int(m.astype(int).max()) if len(m) else 1

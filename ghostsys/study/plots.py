@@ -41,10 +41,10 @@ def save(fig: "Figure", path: str | Path | None, data: "pd.DataFrame | None" = N
 
 
 @contextmanager
-def _style() -> Iterator[None]:
+def _style(axes: str = "whitegrid") -> Iterator[None]:
     import seaborn as sns
 
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
+    with sns.axes_style(axes), sns.plotting_context("notebook", font_scale=0.85):
         yield
 
 
@@ -64,21 +64,25 @@ def _gm_hue(df: "pd.DataFrame") -> tuple["pd.DataFrame", list[str]]:
 
 
 def mode_curves(c: "pd.DataFrame", path: str | Path | None = None) -> "Figure | None":
-    """Training loss and evaluation accuracy per step: colour = G_M, line style = mode, one line per run."""
+    """Training loss, evaluation loss and accuracy per step: colour = G_M, line style = mode, one line per run."""
     import seaborn as sns
 
     if not have(c, "training runs"):
         return None
     d, order = _gm_hue(c)
+    ev = d.dropna(subset=["eval_loss"]) if "eval_loss" in d else d.iloc[0:0]
     with _style():
-        fig, (a, b) = _figure(11, 4, ncols=2)
+        fig, axes = _figure(14, 4, ncols=3)
         kw = dict(hue="ghost groups", hue_order=order, style="mode", units="run_dir", estimator=None)
-        sns.lineplot(d, x="step", y="train_loss", ax=a, **kw)
-        a.set(yscale="log", title="training loss (batch statistics)", ylabel="train loss")
-        ev = d.dropna(subset=["eval_acc"]) if "eval_acc" in d else d.iloc[0:0]
-        if len(ev):
-            sns.lineplot(ev, x="step", y="eval_acc", ax=b, marker="o", legend=False, **kw)
-        b.set(title="evaluation accuracy (running statistics)", ylabel="eval acc")
+        for ax, data, y, title in ((axes[0], d, "train_loss", "training loss (batch statistics)"),
+                                   (axes[1], ev, "eval_loss", "evaluation loss (running statistics)"),
+                                   (axes[2], ev, "eval_acc", "evaluation accuracy (running statistics)")):
+            if len(data):
+                sns.lineplot(data, x="step", y=y, ax=ax, legend=ax is axes[2], marker="o" if data is ev else None,
+                             **kw)
+            ax.set(title=title, ylabel=y, yscale="log" if "loss" in y else "linear")
+        if axes[2].get_legend():
+            sns.move_legend(axes[2], "upper left", bbox_to_anchor=(1.02, 1))
     cols = [k for k in ("run_dir", "G_M", "mode", "variant", "step", "train_loss", "eval_loss", "eval_acc") if k in c]
     return save(fig, path, c[cols])
 
@@ -133,20 +137,22 @@ def check_heatmap(k: "pd.DataFrame", path: str | Path | None = None) -> "Figure 
     runs = list(dict.fromkeys(k["check_run"]))
     quantities = sorted(k["quantity"].unique(), key=lambda q: (_ORDER.index(q) if q in _ORDER else len(_ORDER), q))
     heights = [max(2, k[k["check_run"] == r]["variant"].nunique()) for r in runs]
-    with _style():
-        fig, axes = _figure(11, 1.2 + 0.36 * sum(heights), nrows=len(runs), squeeze=False,
+    with _style("white"):
+        fig, axes = _figure(12, 1.6 + 0.4 * sum(heights), nrows=len(runs), squeeze=False,
                             gridspec_kw={"height_ratios": heights})
         for ax, r in zip(axes[:, 0], runs):
             sub = k[k["check_run"] == r]
             rows = sorted(sub["variant"].unique(), key=lambda v: (not v.startswith("NEGATIVE"), v))
             val = sub.pivot_table(index="variant", columns="quantity", values="log_ratio", aggfunc="max")
-            rel = sub.pivot_table(index="variant", columns="quantity", values="max_rel", aggfunc="max")
-            val, rel = val.reindex(index=rows, columns=quantities), rel.reindex(index=rows, columns=quantities)
-            sns.heatmap(val, ax=ax, cmap="RdBu_r", center=0, vmin=-8, vmax=8, annot=rel.map(_sci), fmt="",
+            text = sub.assign(t=[_cell(r) for r in sub.to_dict("records")]).pivot_table(
+                index="variant", columns="quantity", values="t", aggfunc="first")
+            val, text = val.reindex(index=rows, columns=quantities), text.reindex(index=rows, columns=quantities)
+            sns.heatmap(val, ax=ax, cmap="RdBu_r", center=0, vmin=-8, vmax=8, annot=text.fillna(""), fmt="",
                         annot_kws={"fontsize": 7}, linewidths=0.5, cbar_kws={"label": "log10(max_rel / tol)",
                                                                              "ticks": [-8, -4, 0, 2, 4, 8]})
             tol = sub[sub["section"] != "control"]["tol"]
-            ax.set(xlabel="", ylabel="", title=f"{r}: tolerance {_tol_range(tol)} (0 = at tol; control needs > 2)")
+            ax.set(xlabel="", ylabel="", title=f"{r}; tolerance {_tol_range(tol)}")
+            ax.tick_params(axis="x", labelrotation=15)
             ax.collections[0].colorbar.ax.axhline(2, color="k", lw=1)
     return save(fig, path, k.drop(columns="log_ratio"))
 
@@ -154,8 +160,12 @@ def check_heatmap(k: "pd.DataFrame", path: str | Path | None = None) -> "Figure 
 _ORDER = ["logits", "loss", "grads", "weights"]
 
 
-def _sci(v: float) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0e}"
+def _cell(r: dict[str, Any]) -> str:
+    """max_rel, and the verdict where it is not a plain pass (FAIL, weak, unresolved, SAME)."""
+    v = r["max_rel"]
+    text = "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0e}"
+    verdict = str(r.get("verdict") or "")
+    return text if verdict in ("ok", "differs", "") else f"{text}\n{verdict}"
 
 
 def _tol_range(tol: "pd.Series") -> str:

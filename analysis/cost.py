@@ -22,7 +22,7 @@ if plots.have(prof, f"profile rows under {results}"):
     cols = ["mode", "world_size", "scaling", "nfp", "batch_size", "samples_per_s", "step_time_median_s",
             "scaling_efficiency", "collective_share", "exposed_collective_share", "mem_mib"]
     print(prof.sort_values(["mode", "nfp", "world_size"])[cols].to_string(index=False, float_format="{:.3g}".format))
-    print("measured on:", "; ".join(prof["machine"].unique()))
+    print("measured on:", frames.measured_on(prof))
 
 # %% [markdown]
 # ## Samples/s against device count (dashed: ideal), and scaling efficiency

@@ -41,7 +41,7 @@ CHECKS = {"ng1-float64": ("python", 1, ["--dtype", "float64"]),
 PROFILES = {
     "scaling": ["--modes", "unsynced,syncbn", "--world-sizes", "1,2", "--scaling", "strong", "--batch-size", "32",
                 "--steps", "8", "--warmup", "2", "--profiled-steps", "2"],
-    "nfp": ["--modes", "accumulate", "--nfps", "1,2,4,8", "--world-sizes", "1", "--batch-size", "64", "--steps", "6",
+    "nfp": ["--modes", "accumulate", "--nfps", "1,2,4,8", "--world-sizes", "1", "--batch-size", "256", "--steps", "4",
             "--warmup", "2", "--profiled-steps", "0"],
 }
 PROFILE_COMMON = ["--model", "resnet20", "--launcher", "torchrun", "--no-progress"]

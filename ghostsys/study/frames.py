@@ -266,13 +266,18 @@ def profiles(paths: Paths) -> "pd.DataFrame":
 
 
 def machine(r: dict[str, Any]) -> str:
-    """Where and how a profile row was measured: CPU or GPU, threads, versions, the machine's load."""
-    dev = r.get("env.gpu") or r.get("env.cpu") or r.get("device", "?")
-    load = r.get("loadavg_1m_start", r.get("loadavg_1m"))
-    parts = [str(dev), f"{r.get('threads_per_process', '?')} thread(s)/process", f"torch {r.get('env.torch', '?')}"]
-    if load is not None and not (isinstance(load, float) and math.isnan(load)):
-        parts.append(f"load {float(load):.1f}")
-    return ", ".join(parts)
+    """Where and how a profile row was measured: CPU or GPU, threads per process, torch version."""
+    dev = r.get("env.gpu") or r.get("env.device_name") if r.get("env.cuda_available") else r.get("env.cpu")
+    return f"{dev or r.get('device', '?')}, {r.get('threads_per_process', '?')} thread(s)/process, torch {r.get('env.torch', '?')}"
+
+
+def measured_on(p: "pd.DataFrame") -> str:
+    """The machine(s) of profile rows and the range of the 1-minute load average while they ran."""
+    if p.empty:
+        return ""
+    load = p["loadavg_1m_start"].dropna().astype(float) if "loadavg_1m_start" in p else p.iloc[0:0]
+    text = "; ".join(p["machine"].unique())
+    return text + (f"; 1-min load {load.min():.1f}..{load.max():.1f}" if len(load) else "")
 
 
 def landscape(paths: Paths) -> "pd.DataFrame":

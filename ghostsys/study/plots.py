@@ -203,8 +203,10 @@ def throughput(p: "pd.DataFrame", path: str | Path | None = None) -> "Figure | N
                 a.plot(g["world_size"], g["world_size"] * base.iloc[0], ls="--", color=palette[mode], alpha=0.6)
         a.set(xticks=sorted(d["world_size"].unique()), xlabel="devices (processes)", ylabel="samples/s (global)",
               title="strong scaling (dashed: ideal)")
-        eff = d[d["world_size"] > 1]
-        sns.barplot(eff, x="mode", y="scaling_efficiency", hue="world_size", ax=b)
+        eff = d[d["world_size"] > 1].assign(run=lambda x: [f"{m}\nn={n}" for m, n in zip(x["mode"], x["world_size"])])
+        b.bar(eff["run"], eff["scaling_efficiency"], color=[palette[m] for m in eff["mode"]])
+        for x, v in zip(eff["run"], eff["scaling_efficiency"]):
+            b.annotate(f"{100 * v:.0f}%", (x, v), ha="center", va="bottom")
         b.axhline(1, color="k", lw=1, ls="--")
         b.set(ylabel="throughput(n) / (n x throughput(1))", title="scaling efficiency")
     _caption(fig, d)
@@ -254,7 +256,9 @@ def memory(p: "pd.DataFrame", path: str | Path | None = None) -> "Figure | None"
     with _style():
         fig, ax = _figure(6, 4)
         sns.lineplot(d, x="nfp", y="mem_mib", hue="group", marker="o", ax=ax)
-        ax.set(xscale="log", xticks=sorted(d["nfp"].unique()), xticklabels=sorted(d["nfp"].unique()),
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set(xticks=sorted(d["nfp"].unique()), xticklabels=sorted(d["nfp"].unique()),
                xlabel="n_fp (forward passes per step)", ylabel=f"peak memory, MiB ({_mem_kind(d)})",
                title="peak memory vs --nfp")
     _caption(fig, d)
@@ -267,8 +271,10 @@ def _mem_kind(d: "pd.DataFrame") -> str:
 
 
 def _caption(fig: "Figure", d: "pd.DataFrame") -> None:
+    from ghostsys.study.frames import measured_on
+
     if "machine" in d and len(d):
-        fig.text(0.0, 0.0, "measured on: " + "; ".join(d["machine"].unique()[:2]), fontsize=7, va="bottom")
+        fig.text(0.0, 0.0, "measured on: " + measured_on(d), fontsize=7, va="bottom")
         fig.get_layout_engine().set(h_pad=0.25)
 
 

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ghostsys-installed
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
-.PHONY: setup run test bench check clean
+.PHONY: setup run test bench check profile gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ bench: setup
 
 check: setup
 	$(BIN)/torchrun --nproc_per_node 2 launch/check.py
+
+profile: setup
+	$(BIN)/python launch/profile.py --modes unsynced,syncbn --world-sizes 1,2 --steps 12 --out runs/profile
+
+# One GPU, under 8 minutes: layer benchmark, layer/accumulate profile at fp32 and bf16, checker on CUDA.
+gpu-check: setup
+	PYTHON=$(BIN)/python launch/gpu_check.sh runs/gpu-check
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -115,6 +115,9 @@ RUN_CASES: dict[str, list[Case] | str] = {
              (["--seed", "x"], "invalid int")],
     "dtype": [(["--dtype", "float16"], "choose one of"),
               (["--engine", "deepspeed", "--dtype", "float64"], "--dtype float32")],
+    "mixed_precision": [(["--mixed-precision", "fp8"], "choose one of"),
+                        (["--mixed-precision", "fp16"], "bf16"),  # no CUDA here (and DeepSpeed fp16 refused)
+                        (["--dtype", "float64", "--mixed-precision", "bf16"], "--dtype float32")],
     "augment": [(["--augment=yes"], "ignored explicit argument")],
     "zero_stage": [(["--zero-stage", "2"], "--engine deepspeed"),
                    (["--engine", "deepspeed", "--zero-stage", "3"], "choose one of 0, 1, 2"),

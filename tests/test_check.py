@@ -180,7 +180,7 @@ def test_float32_catches_every_injected_fault(float32_runs, name):
 
 @pytest.mark.parametrize("argv, expect", [
     (["--dtype", "float16"], "--dtype"),
-    (["--dtype", "bf16-autocast"], "no setting for it yet"),
+    (["--dtype", "bf16-autocast"], "choose one of auto, float64, float32, tf32"),
     (["--dtype", "tf32"], "CUDA"),
     (["--inject", "everything"], "--inject"),
     (["--target-gm", "1"], "--target-gm"),

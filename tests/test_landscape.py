@@ -104,7 +104,7 @@ def test_probe_values_match_an_independent_functional_reference():
 def test_probe_refuses_zero_1_and_2_and_bad_step_sizes():
     with pytest.raises(ConfigError, match="--zero-stage 0 or --engine accelerate"):
         RunConfig(engine="deepspeed", zero_stage=1, landscape_lrs="0.1").validate()
-    with pytest.raises(ConfigError, match="'abc' is not a positive step size"):
+    with pytest.raises(ConfigError, match="'abc', not a positive step size"):
         RunConfig(landscape_lrs="0.1,abc").validate()
     assert RunConfig(landscape_lrs="0.1, x2").landscape_steps() == [(0.1, False), (2.0, True)]
 

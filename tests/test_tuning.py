@@ -108,7 +108,7 @@ BAD = [
     (["grid", "--gc", "1", "--gm", "2", "--", "--norm", "ghost"], "sets itself"),
     (["grid", "--gc", "1", "--gm", "2", "--", "--bogus", "3"], "unrecognized arguments"),
     (["grid", "--gc", "1", "--gm", "2", "--", "--out", "x"], "--out cannot be a run flag"),
-    (["grid", "--gc", "1", "--gm", "2", "--", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["grid", "--gc", "1", "--gm", "2", "--", "--batch-size", "0"], "--batch-size 0 must be an integer >= 1"),
     (["grid", "--gc", "1", "--gm", "2", "--", "--preset", "nope"], "--preset 'nope' is unknown"),
     (["sequential", "--stage", "1"], "pass --gm"),
     (["sequential", "--stage", "3", "--gm", "2"], "invalid choice"),

@@ -12,7 +12,9 @@ implementation on the devices torch supports, and otherwise runs :class:`_SyncBN
   is that of the sum of the ranks' losses, and weight/bias gradients stay local sums for DDP to
   average like any other parameter gradient.
 
-The layer never reads rank or env: the process group is passed in (None means WORLD).
+The layer never reads rank or env: the process group is passed in (None means WORLD). Its
+collectives run inside a ``torch.profiler.record_function`` range named :data:`SYNCBN_RANGE`, so a
+profiler can attribute them to SyncBN (a no-op costing about a microsecond when none is active).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.profiler import record_function
+
+SYNCBN_RANGE = "ghostsys:syncbn"
 
 
 def _torch_sync_device_types() -> set[str]:
@@ -51,7 +56,8 @@ class _SyncBNFunction(torch.autograd.Function):
         # Pass 1: (sum, count) -> global mean. float64 keeps counts exact and sums accurate;
         # ranks may hold different numbers of samples, so counts travel with the sums.
         packed = torch.cat([xs.sum(dims).double(), torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)])
-        dist.all_reduce(packed, group=group)
+        with record_function(SYNCBN_RANGE):
+            dist.all_reduce(packed, group=group)
         count = packed[c].item()
         if count <= 1:
             # The same global count on every rank, so every rank raises: no one is left waiting.
@@ -61,7 +67,8 @@ class _SyncBNFunction(torch.autograd.Function):
         # Pass 2: sum of squared deviations from the global mean -> exact biased variance.
         xmu = xs - mean.view(shape)
         sq = (xmu * xmu).sum(dims).double()
-        dist.all_reduce(sq, group=group)
+        with record_function(SYNCBN_RANGE):
+            dist.all_reduce(sq, group=group)
         var = sq / count
         invstd = torch.rsqrt(var + eps).to(xs.dtype)
 
@@ -97,7 +104,8 @@ class _SyncBNFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Summed over the group: the input gradient of the sum of all ranks' losses.
             both = torch.cat([sum_dy, sum_dy_xmu])
-            dist.all_reduce(both, group=ctx.group)
+            with record_function(SYNCBN_RANGE):
+                dist.all_reduce(both, group=ctx.group)
             mean_dy, mean_dy_xmu = (both / ctx.count).split(c)
             g = dys - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)
             scale = invstd if weight is None else invstd * weight.to(sdt)
@@ -138,7 +146,10 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         """Normalize with statistics of the whole process group in training, running stats in eval."""
         if input.device.type in _torch_sync_device_types():
-            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
+            # torch's forward gathers the statistics here; its backward's all-reduce runs under the
+            # autograd node SyncBatchNormBackward, which the profiler attributes by that name.
+            with record_function(SYNCBN_RANGE):
+                return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self.process_group if self.process_group is not None else (dist.group.WORLD if _initialized() else None)

@@ -59,11 +59,17 @@ def guarded(fn: Callable[[], object]) -> int:
 
     ConfigError (bad input, argparse's refusals included) exits 2; TrainingError (e.g. a NaN loss) 1;
     an int that fn returns is the exit code, anything else 0. Other exceptions are bugs: they propagate.
+    A requested stop (SIGUSR1, see ghostsys.run.preempt) exits with EXIT_PREEMPTED (75) after its checkpoint.
     """
+    from ghostsys.run.preempt import EXIT_PREEMPTED, Preempted
     from ghostsys.run.train import TrainingError
 
     try:
         result = fn()
+    except Preempted as stopped:  # not an error: a requested stop that the same command resumes
+        if stopped.is_main:
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except ConfigError as err:
         _say(err)
         return 2

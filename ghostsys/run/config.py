@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "onecycle", "warmup_cosine", "nvidia_cosine")
 STATS_POLICIES = ("mean", "sequential")
 BUFFER_SYNCS = ("engine", "allreduce")
 DTYPES = ("float32", "float64")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 EVAL_SPLITS = ("val", "test")
 _WITH_TEST_SPLIT = ("digits", "mnist", "cifar10", "cifar100")
 
@@ -101,6 +102,9 @@ class RunConfig:
     """Seed for weights, data order, augmentation and noise."""
     dtype: str = "float32"
     """Parameter and activation dtype: float32 or float64."""
+    mixed_precision: str = "no"
+    """Mixed precision: no, bf16 or fp16 (CUDA only), applied through the engine's own mechanism
+    (Accelerate's autocast; DeepSpeed's bf16/fp16 mode); must agree with `accelerate launch --mixed_precision`."""
     augment: bool = False
     """Flips and pad-and-crop (plus Cutout with --cutout), seeded per (seed, epoch, sample) so every mode sees the same."""
     zero_stage: int = 0
@@ -243,10 +247,24 @@ class RunConfig:
         if self.data_root is not None and self.dataset == "synthetic":
             raise ConfigError("--data-root applies to mnist, cifar10, cifar100 and imagenet; --dataset synthetic is "
                               "generated (drop --data-root, or name the --dataset it holds)")
+        self._validate_mixed_precision()
         if self.buffer_sync == "allreduce" and self.mode == "syncbn":
             warnings.warn("--buffer-sync allreduce with syncbn: synced ranks already hold equal buffers", stacklevel=2)
         self._validate_papers()
         return self
+
+    def _validate_mixed_precision(self) -> None:
+        # Device-dependent rules (fp16 needs CUDA) and the launcher's own setting are checked in
+        # ghostsys.run.train.resolve, where the device and the environment are known.
+        if self.mixed_precision != "no" and self.dtype != "float32":
+            raise ConfigError(f"--mixed-precision {self.mixed_precision} computes in low precision over float32 weights; "
+                              f"use --dtype float32 with it (got --dtype {self.dtype}), or --mixed-precision no")
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise ConfigError("--mixed-precision fp16 needs a CUDA device (neither engine runs fp16 on CPU); "
+                              "use --mixed-precision bf16 on CPU")
+        if self.mixed_precision == "fp16" and self.engine == "deepspeed":
+            raise ConfigError("--engine deepspeed --mixed-precision fp16 is not supported: ghostsys does not checkpoint "
+                              "DeepSpeed's dynamic loss scaler; use --mixed-precision bf16, or --engine accelerate for fp16")
 
     def _validate_papers(self) -> None:
         """Combinations of the fields added for the papers' experiments (each field alone: RULES)."""
@@ -285,13 +303,16 @@ class RunConfig:
         """The fields that decide the results (everything but output place and verbosity)."""
         ident = {k: v for k, v in self.to_dict().items() if k not in _NON_IDENTITY}
         ident["norm"] = self.resolved_norm  # --norm left to the mode's default is the same experiment as naming it
+        if ident["mixed_precision"] == "no":  # full precision keeps the names runs had before the field existed
+            del ident["mixed_precision"]
         return ident
 
     def run_name(self) -> str:
         """A readable, deterministic directory name: the same experiment gets the same name."""
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return (f"{self.mode}-{self.engine}-{self.model.replace(':', '_')}-{self.resolved_norm}-{self.dataset}"
-                f"-M{self.batch_size}-gm{self.effective_gm}-ng{self.world_size}-nfp{self.nfp}-s{self.seed}-{digest}")
+                f"-M{self.batch_size}-gm{self.effective_gm}-ng{self.world_size}-nfp{self.nfp}-s{self.seed}"
+                f"{'' if self.mixed_precision == 'no' else '-' + self.mixed_precision}-{digest}")
 
     def run_dir(self) -> Path:
         """Where this run's results go."""
@@ -356,6 +377,7 @@ RULES: dict[str, Rule] = {  # one rule per RunConfig field (tests/test_bad_input
     "schedule": one_of(*SCHEDULES),
     "seed": integer(0, 2**63 - 1, "2**63 - 1"),  # torch generators take 64 bits; results load as int64
     "dtype": one_of(*DTYPES),
+    "mixed_precision": one_of(*MIXED_PRECISIONS),
     "augment": _switch,
     "zero_stage": one_of(0, 1, 2),  # ZeRO 3 partitions parameters: see engines._ZERO3_WHY
     "deepspeed_config": optional(existing("file", False, "pass a DeepSpeed JSON file or drop the flag")),

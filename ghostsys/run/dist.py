@@ -1,8 +1,8 @@
 """Process-group plumbing: rank, world, device, subgroups and ``(sum, count)`` reductions.
 
 This is the only module in ghostsys that reads launcher environment variables (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` through ``env://``, and
-``ACCELERATE_USE_CPU``). Layers never read them: they are handed a process group explicitly.
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` through ``env://``,
+``ACCELERATE_USE_CPU`` and ``ACCELERATE_MIXED_PRECISION``). Layers never read them: they are handed a process group explicitly.
 
 Group convention: ``group=None`` everywhere means the default (WORLD) group, as in
 ``torch.distributed``. Every helper is a no-op, or the identity, when no process group is
@@ -20,6 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.profiler import record_function
+
+# The profiler attributes the collectives issued inside this range to the buffer sync (a no-op
+# costing ~1 us when no profiler is active); ghostsys.profile.collectives knows the name.
+BUFFER_SYNC_RANGE = "ghostsys:buffer_sync"
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}  # what accelerate's str_to_bool accepts as true
 # The collective timeout init() gave the default group. new_group() does not inherit it (it
@@ -151,6 +156,15 @@ def all_reduce_sum_(t: Tensor, group: ProcessGroup | None = None) -> Tensor:
     return t
 
 
+def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
+    """True on every rank of ``group`` when ``flag`` is true on at least one (one 1-element all-reduce)."""
+    if world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def _comm_device(group: ProcessGroup | None) -> torch.device:
     # NCCL only moves CUDA tensors; everything else here goes through gloo on the CPU.
     if is_initialized() and dist.get_backend(group) == "nccl":
@@ -222,6 +236,11 @@ def all_reduce_buffers_mean_(module: nn.Module, group: ProcessGroup | None = Non
     n = world_size(group)
     if n == 1:
         return
+    with record_function(BUFFER_SYNC_RANGE):
+        _all_reduce_buffers_mean(module, n, group)
+
+
+def _all_reduce_buffers_mean(module: nn.Module, n: int, group: ProcessGroup | None) -> None:
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     ints: list[tuple[str, Tensor]] = []
     for name, buf in module.named_buffers():
@@ -254,10 +273,27 @@ def broadcast_buffers_(module: nn.Module, src: int = 0, group: ProcessGroup | No
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for buf in module.buffers():
         by_dtype.setdefault((buf.dtype, buf.device), []).append(buf)
-    for bufs in by_dtype.values():  # one flattened broadcast per dtype, not one per buffer
-        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
-        dist.broadcast(flat, src=src, group=group)
-        _unflatten_into(flat, bufs)
+    with record_function(BUFFER_SYNC_RANGE):
+        for bufs in by_dtype.values():  # one flattened broadcast per dtype, not one per buffer
+            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=src, group=group)
+            _unflatten_into(flat, bufs)
+
+
+def all_reduce_max_(t: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """Element-wise maximum of ``t`` over ``group`` in place (e.g. the slowest rank's time); returns ``t``."""
+    if world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` at world size 1."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -315,6 +351,22 @@ def requested_world() -> int | None:
         if value is not None and value.isdigit():
             return int(value)
     return None
+
+
+def launcher_mixed_precision() -> str | None:
+    """The mixed precision `accelerate launch` exported (ACCELERATE_MIXED_PRECISION: no, bf16, fp16, ...); None if unset.
+
+    Accelerate trains under it whenever the script does not name its own, so a run must either agree
+    with it or refuse (ghostsys.run.train.resolve refuses a contradiction).
+    """
+    raw = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    return raw or None
+
+
+def under_launcher() -> bool:
+    """True when a launcher started this process: torchrun / deepspeed / multi-process accelerate set
+    WORLD_SIZE, and every `accelerate launch` (one process included) sets ACCELERATE_MIXED_PRECISION."""
+    return "WORLD_SIZE" in os.environ or launcher_mixed_precision() is not None
 
 
 def local_world_size(world: int = 1) -> int:

@@ -19,6 +19,13 @@ and the step's gradient is the mean over the whole global batch M = micro_batch 
   buffers (running statistics drift per rank; ``broadcast_buffers`` has no effect there): use
   ``ghostsys.run.dist.all_reduce_buffers_mean_`` where the buffer policy asks for agreement.
 
+Mixed precision (``mixed_precision`` = no | bf16 | fp16) goes through each engine's own mechanism:
+Accelerate's ``mixed_precision`` (autocast around the model's forward, float32 weights; fp16 adds its
+GradScaler), DeepSpeed's ``bf16``/``fp16`` config (low-precision weights and activations, float32 master
+weights in the optimizer). DeepSpeed casts parameters but not buffers nor inputs: ghostsys sets
+``data_types.buffer_dtype`` to the same dtype (a BatchNorm with bf16 weights and float32 running
+statistics does not run) and ``input_dtype`` tells the loop to feed bf16 batches.
+
 Neither adapter reads launcher environment variables: world size comes in as an argument and the
 default process group, when world > 1, is already initialized by the caller (``ghostsys.run.dist.init``);
 both engines adopt it.
@@ -43,13 +50,16 @@ class Engine(ABC):
     """One training engine seen through the loop's contract: micro_context, backward x nfp, step x 1."""
 
     name: ClassVar[str]
+    input_dtype: torch.dtype | None = None  # dtype the batches must have (None: the model's own dtype)
     model: nn.Module  # the engine's wrapper: call forward on this
     unwrapped: nn.Module  # the plain module: state, eval, buffers
     device: torch.device  # where the loop must put its batches
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                  micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                 ds_config: dict | None = None, grad_clip: float = 0.0) -> None:
+                 ds_config: dict | None = None, grad_clip: float = 0.0, mixed_precision: str = "no") -> None:
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
         if nfp < 1 or micro_batch < 1 or world_size < 1:
             raise ValueError(f"nfp, micro_batch and world_size must be >= 1, got {nfp}, {micro_batch}, {world_size}")
         if grad_clip < 0:
@@ -96,15 +106,27 @@ class AccelerateEngine(Engine):
     name = "accelerate"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None, grad_clip=0.0):
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0, mixed_precision="no"):
         super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)
         if zero_stage or ds_config:
             raise ValueError("zero_stage and ds_config are DeepSpeed options; the accelerate engine takes neither")
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         ddp = DistributedDataParallelKwargs(broadcast_buffers=broadcast_buffers)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        cpu = not torch.cuda.is_available()
+        if mixed_precision == "fp16" and cpu:  # Accelerate would silently train float32 instead
+            raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 on CPU")
+        from accelerate.state import AcceleratorState
+
+        shared = AcceleratorState._shared_state
+        if shared and shared.get("_mixed_precision") != mixed_precision:
+            # Accelerate keeps one precision per process and refuses another; engines built one after the
+            # other in one process (the checker, tests, benchmarks) may differ. The process group
+            # (PartialState) is kept; only the precision-bearing AcceleratorState starts over.
+            AcceleratorState._reset_state()
+        # Named explicitly, so ACCELERATE_MIXED_PRECISION from the launcher can never apply unrecorded.
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp])
         if self.accelerator.num_processes != world_size:
             raise ValueError(f"accelerate sees {self.accelerator.num_processes} processes, world_size={world_size}")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -128,6 +150,8 @@ class AccelerateEngine(Engine):
         """Clip (if asked), optimizer step, one scheduler step (unprepared, so exactly one), zero grads."""
         self._check_step()
         if self.grad_clip:  # after the last backward DDP has synced the grads: every rank clips alike
+            if self.accelerator.scaler is not None:  # fp16: clip the true gradients, not the loss-scaled ones
+                self.accelerator.unscale_gradients()
             torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
@@ -136,8 +160,10 @@ class AccelerateEngine(Engine):
 
     def state_dict(self) -> dict:
         """Model, optimizer and scheduler state; identical on every rank (plain DDP, nothing partitioned)."""
+        scaler = self.accelerator.scaler  # fp16's loss scale and growth tracker; None otherwise
         return {"engine": self.name, "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore model, then optimizer (it carries lr), then scheduler."""
@@ -146,6 +172,8 @@ class AccelerateEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
 
 
 _ZERO3_WHY = ("ZeRO stage 3 partitions the parameters themselves: between forwards the module holds only "
@@ -154,12 +182,13 @@ _ZERO3_WHY = ("ZeRO stage 3 partitions the parameters themselves: between forwar
 
 
 def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_size: int, zero_stage: int,
-                       grad_clip: float = 0.0) -> dict:
-    """Merge a user DeepSpeed config with the batch geometry ghostsys needs; ValueError on any contradiction."""
+                       grad_clip: float = 0.0, mixed_precision: str = "no") -> dict:
+    """Merge a user DeepSpeed config with the batch geometry and precision ghostsys needs; ValueError on any contradiction."""
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage={zero_stage} is not supported: {_ZERO3_WHY}")
     needed = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": nfp,
-              "train_batch_size": micro_batch * nfp * world_size, "zero_optimization.stage": zero_stage}
+              "train_batch_size": micro_batch * nfp * world_size, "zero_optimization.stage": zero_stage,
+              "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
     if grad_clip:  # ghostsys' --grad-clip is DeepSpeed's own global-norm clipping
         needed["gradient_clipping"] = grad_clip
     user = dict(user_cfg or {})
@@ -168,7 +197,8 @@ def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_
         head, _, leaf = dotted.partition(".")
         have = user.get(head, {}).get(leaf) if leaf else user.get(head)
         if have is not None and have != "auto" and have != value:
-            conflicts.append(f"{dotted}={have!r} (ghostsys needs {value!r})")
+            how = "; precision is set by --mixed-precision" if head in ("bf16", "fp16") else ""
+            conflicts.append(f"{dotted}={have!r} (ghostsys needs {value!r}{how})")
     for owned in ("optimizer", "scheduler"):  # ghostsys passes its own; DeepSpeed would build a second one
         if owned in user:
             conflicts.append(f"{owned}=... (ghostsys builds the {owned} itself; remove the section)")
@@ -182,6 +212,10 @@ def validate_ds_config(user_cfg: dict | None, micro_batch: int, nfp: int, world_
            "gradient_clipping": 0.0, **user}
     cfg.update({k: v for k, v in needed.items() if "." not in k})
     cfg["zero_optimization"] = {**user.get("zero_optimization", {}), "stage": zero_stage}
+    if mixed_precision != "no":  # (a user's {"enabled": false} sections stay as they are; true ones conflicted above)
+        cfg[mixed_precision] = {**user.get(mixed_precision, {}), "enabled": True}
+        # Buffers in the weights' dtype: BatchNorm refuses bf16 weights with float32 running statistics.
+        cfg["data_types"] = {"buffer_dtype": mixed_precision, **user.get("data_types", {})}
     return cfg
 
 
@@ -191,10 +225,12 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model, optimizer, scheduler, *, nfp, micro_batch, world_size, zero_stage=0,
-                 broadcast_buffers=True, ds_config=None, grad_clip=0.0):
+                 broadcast_buffers=True, ds_config=None, grad_clip=0.0, mixed_precision="no"):
         super().__init__(model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
-                         grad_clip=grad_clip)
-        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage, grad_clip)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)
+        if mixed_precision == "fp16":
+            raise ValueError("DeepSpeed fp16 is not supported: ghostsys does not checkpoint its dynamic loss scaler; use bf16")
+        cfg = validate_ds_config(ds_config, micro_batch, nfp, world_size, zero_stage, grad_clip, mixed_precision)
         if any(p.dtype == torch.float64 for p in model.parameters()):
             # Refuse up front rather than fail or lose precision later: ZeRO-0's gradient all-reduce buckets
             # only the accelerator's supported dtypes (no float64, CPU and CUDA alike) and asserts deep in the
@@ -215,6 +251,8 @@ class DeepSpeedEngine(Engine):
         self.unwrapped = self.model.module
         self.device = self.model.device
         self.zero_stage = zero_stage
+        # DeepSpeed casts the weights, not the batches: the loop must feed them in the weights' dtype.
+        self.input_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
 
     def micro_context(self, is_last: bool) -> ContextManager:
         """Nothing to enter: DeepSpeed reduces at the boundary itself (ZeRO-2 every micro-batch, by design)."""
@@ -240,14 +278,14 @@ class DeepSpeedEngine(Engine):
         """Model, optimizer, scheduler and step counters. Under ZeRO 1/2 the optimizer part is THIS rank's
         partition (its fp32 master slice and the base optimizer's state over it): save one file per rank and
         load it back on the same rank of a run with the same world size."""
-        if self.model.fp16_enabled() or self.model.bfloat16_enabled():  # loss-scaler/master state not covered
-            raise NotImplementedError("state_dict covers fp32 DeepSpeed training only")
-        zero = self.optimizer if self.zero_stage else None
+        if self.model.fp16_enabled():  # the dynamic loss scaler's state is not covered
+            raise NotImplementedError("state_dict covers float32 and bf16 DeepSpeed training only")
+        zero = self.optimizer if self.zero_stage or self.model.bfloat16_enabled() else None
         if zero is None:
             optim = self.optimizer.state_dict()
-        else:
+        else:  # ZeRO 1/2, or ZeRO 0 under bf16: a base optimizer over float32 master weights
             optim = {"base": zero.optimizer.state_dict(), "rank": tdist.get_rank(), "world_size": self.world_size,
-                     "fp32_partitions": [p.detach().clone() for p in zero.single_partition_of_fp32_groups]}
+                     "fp32_partitions": [p.detach().clone() for p in _fp32_masters(zero)]}
         return {"engine": self.name, "zero_stage": self.zero_stage, "model": self.unwrapped.state_dict(),
                 "optimizer": optim, "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "counters": {"global_steps": self.model.global_steps, "global_samples": self.model.global_samples}}
@@ -258,7 +296,8 @@ class DeepSpeedEngine(Engine):
         if state["zero_stage"] != self.zero_stage:
             raise ValueError(f"checkpoint is ZeRO stage {state['zero_stage']}, engine is stage {self.zero_stage}")
         self.unwrapped.load_state_dict(state["model"])
-        zero, optim = (self.optimizer if self.zero_stage else None), state["optimizer"]
+        zero = self.optimizer if self.zero_stage or self.model.bfloat16_enabled() else None
+        optim = state["optimizer"]
         if zero is None:
             self.optimizer.load_state_dict(optim)
         else:
@@ -267,13 +306,26 @@ class DeepSpeedEngine(Engine):
                 raise ValueError(f"ZeRO optimizer state of rank {where[0]}/{where[1]} loaded on rank "
                                  f"{tdist.get_rank()}/{self.world_size}: load each rank's own file")
             # The master partition is the source of truth for the next update, not the module copy.
-            for mine, saved in zip(zero.single_partition_of_fp32_groups, optim["fp32_partitions"], strict=True):
+            for mine, saved in zip(_fp32_masters(zero), optim["fp32_partitions"], strict=True):
                 mine.data.copy_(saved)
             zero.optimizer.load_state_dict(optim["base"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.model.global_steps = state["counters"]["global_steps"]
         self.model.global_samples = state["counters"]["global_samples"]
+
+
+def _fp32_masters(zero_optimizer) -> list[Tensor]:
+    # The float32 master weights the next update starts from, named differently per DeepSpeed wrapper:
+    # ZeRO 1/2 (DeepSpeedZeroOptimizer) and BF16_Optimizer keep this rank's flat partitions; ZeRO 0
+    # under bf16 with a client torch optimizer gets FP16_UnfusedOptimizer (whole tensors per group;
+    # its loss scale is the static 1.0 of bf16, nothing to save).
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(zero_optimizer, attr):
+            return list(getattr(zero_optimizer, attr))
+    if hasattr(zero_optimizer, "fp32_groups"):
+        return [p for group in zero_optimizer.fp32_groups for p in group]
+    raise RuntimeError(f"unknown DeepSpeed optimizer {type(zero_optimizer).__name__}: no float32 master partitions")
 
 
 def _skip_cpu_shm_comm_build(deepspeed_module) -> None:
@@ -296,11 +348,11 @@ ENGINES: dict[str, type[Engine]] = {"accelerate": AccelerateEngine, "deepspeed":
 
 def make_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, nfp: int,
                 micro_batch: int, world_size: int, zero_stage: int = 0, broadcast_buffers: bool = True,
-                ds_config: dict | None = None, grad_clip: float = 0.0) -> Engine:
+                ds_config: dict | None = None, grad_clip: float = 0.0, mixed_precision: str = "no") -> Engine:
     """Build the named engine around a plain model, its torch optimizer and (optional) lr scheduler;
     `grad_clip` > 0 clips the global gradient norm before every update."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
     return ENGINES[name](model, optimizer, scheduler, nfp=nfp, micro_batch=micro_batch, world_size=world_size,
                          zero_stage=zero_stage, broadcast_buffers=broadcast_buffers, ds_config=ds_config,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, mixed_precision=mixed_precision)

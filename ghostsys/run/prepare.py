@@ -38,12 +38,23 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         if index >= have:
             raise ConfigError(f"--device {cfg.device}: this machine has {have} CUDA device(s) visible to torch "
                               f"{torch.__version__}; use --device cpu or auto" + (f", or cuda:0..{have - 1}" if have else ""))
+    # A launcher's mixed precision (`accelerate launch --mixed_precision X`) that differs from --mixed-precision
+    # is refused rather than adopted: the run's identity (its directory, resume) comes from the script's own
+    # flags, and Accelerate would otherwise train under X while config.json said something else.
+    launched = dist.launcher_mixed_precision()
+    if launched is not None and launched != cfg.mixed_precision:
+        raise ConfigError(f"the launcher asks for mixed precision {launched} (accelerate launch --mixed_precision "
+                          f"{launched}) but the run says --mixed-precision {cfg.mixed_precision}; pass "
+                          f"--mixed-precision {launched} to the script, or launch with --mixed_precision {cfg.mixed_precision}")
+    if cfg.mixed_precision == "fp16" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("--mixed-precision fp16 needs a CUDA device (this run would be on the CPU); "
+                          "use --mixed-precision bf16")
     if cfg.engine == "deepspeed":  # refuse a contradicting DeepSpeed JSON before anything is written
         from ghostsys.run.engines import validate_ds_config
 
         try:
             validate_ds_config(load_ds_config(cfg), cfg.micro_batch, cfg.nfp, cfg.world_size, cfg.zero_stage,
-                               cfg.grad_clip)
+                               cfg.grad_clip, cfg.mixed_precision)
         except ValueError as err:
             raise ConfigError(f"{err}; fix --deepspeed-config {cfg.deepspeed_config} or drop the keys") from None
     return cfg

@@ -11,6 +11,10 @@ killed process (SIGKILL, SLURM preemption) loses nothing already logged. os.fsyn
 matters if the node itself dies, is paid at most every FSYNC_INTERVAL_S seconds: on the network
 file systems of clusters one fsync can take tens of milliseconds, too dear for every step.
 summary.json, config.json, env.json and truncations are always fsync'd.
+
+Permissions: every file gets the mode a plain open() would give under the user's umask (0644
+under the usual 022), atomic writes included, so a colleague's `collect` or notebook on a shared
+cluster reads what the umask lets them read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -49,10 +54,48 @@ def _dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(obj, default=_default, **kw)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (os.umask can only be read by setting it)."""
+    try:  # Linux >= 4.7: no window in which another thread would create files under a wrong mask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere: set and restore. A thread of this process creating a file in that instant would get
+    # mode & ~077; the lock at least keeps two readers from restoring each other's temporary mask.
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def _mkstemp_shared(path: Path, prefix: str) -> tuple[int, str]:
+    """mkstemp in `path`'s directory, then the mode a plain open() would give (mkstemp always makes 0600).
+
+    Colleagues on a shared cluster read results through their group/other bits: the replaced file
+    must carry what the user's umask allows, like metrics.jsonl does, not mkstemp's private mode.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` so readers see the old file or the complete new one, never a torn one."""
+    """Write JSON to `path` so readers see the old file or the complete new one, never a torn one.
+
+    The file gets the mode the umask gives a new file (0644 under the usual 022), not mkstemp's 0600.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp_shared(path, f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(_dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -153,7 +196,7 @@ class RunDir:
     def truncate_metrics_after(self, step: int) -> int:
         """Drop metrics lines with step > `step` (a resume from the checkpoint at `step`); returns lines kept."""
         kept = [r for r in self.read_metrics() if r.get("step", -1) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=self.path)
+        fd, tmp = _mkstemp_shared(self.metrics_path, ".metrics.")
         with os.fdopen(fd, "w") as f:
             f.writelines(_dumps(r, allow_nan=True) + "\n" for r in kept)
             f.flush()

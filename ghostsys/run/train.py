@@ -10,8 +10,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
-from ghostsys.run import dist
+from ghostsys.run import dist, preempt
 from ghostsys.run.checkpoint import Checkpointer
 from ghostsys.run.config import ConfigError, RunConfig
 from ghostsys.run.data import BatchOrder
@@ -21,6 +22,10 @@ from ghostsys.run.modes import MODES
 from ghostsys.run.prepare import agreed, load_ds_config, open_data_and_model, resolve
 from ghostsys.run.rundir import NewPaths, RunDir, environment
 from ghostsys.run.schedules import make_schedule
+
+
+# The profiler attributes collectives inside this range to the loop's own loss/accuracy reduction.
+LOSS_STATS_RANGE = "ghostsys:loss_stats"
 
 
 class TrainingError(RuntimeError):
@@ -62,7 +67,7 @@ class Setup:
     train_set: Any
     val_set: Any
     meta: dict
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # the batches' dtype (the engine's compute dtype)
     steps_per_epoch: int = 0
     total_steps: int = 0
     feed: Feed | None = None  # this rank's batches (in process, or a DataLoader with workers)
@@ -83,7 +88,9 @@ def build(cfg: RunConfig, info: dist.DistInfo) -> Setup:
     scheduler = make_schedule(cfg.schedule, optimizer, total_steps=total, steps_per_epoch=order.steps_per_epoch)
     engine = make_engine(cfg.engine, model, optimizer, scheduler, nfp=cfg.nfp, micro_batch=cfg.micro_batch,
                          world_size=cfg.world_size, zero_stage=cfg.zero_stage, ds_config=load_ds_config(cfg),
-                         grad_clip=cfg.grad_clip)
+                         grad_clip=cfg.grad_clip, mixed_precision=cfg.mixed_precision)
+    # Batches go in the dtype the engine computes in (DeepSpeed bf16 casts the weights, not the inputs).
+    dtype = engine.input_dtype or dtype
     feed = Feed(order=order, train_set=train_set, val_set=val_set, rank=info.rank, world_size=info.world_size,
                 nfp=cfg.nfp, seed=cfg.seed, aug=augment_kwargs(cfg), device=info.device, dtype=dtype,
                 stop_step=total, num_workers=cfg.num_workers, local_procs=dist.local_world_size(info.world_size))
@@ -125,7 +132,8 @@ def train_step(s: Setup, step: int, *, batches: list[tuple[torch.Tensor, torch.T
     engine.step()
     if s.cfg.buffer_sync == "allreduce":
         dist.all_reduce_buffers_mean_(engine.unwrapped)
-    return dist.all_reduce_sum_(stats)
+    with record_function(LOSS_STATS_RANGE):  # lets the profiler tell this reduction from the engine's
+        return dist.all_reduce_sum_(stats)
 
 
 @torch.no_grad()
@@ -193,16 +201,21 @@ def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
     Every check comes before the run directory is written; a run that fails before its first step
     removes what it wrote (never what was there before).
+
+    SIGUSR1 (``preempt.STOP_SIGNALS``) asks it to stop: all ranks stop at the same step boundary,
+    write a checkpoint and raise :class:`ghostsys.run.preempt.Preempted`; the same call resumes.
     """
-    cfg = resolve(cfg, dist.expected_world())
-    info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
-    try:
-        return _train(cfg, info, tuple(callbacks))
-    finally:
-        dist.shutdown()
+    with preempt.stop_on_signals() as stop:  # first: a signal during start-up must not kill the run
+        cfg = resolve(cfg, dist.expected_world())
+        info = dist.init(timeout_s=cfg.collective_timeout, device=None if cfg.device == "auto" else cfg.device)
+        try:
+            return _train(cfg, info, tuple(callbacks), stop)
+        finally:
+            dist.shutdown()
 
 
-def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] = (),
+           stop: preempt.StopRequest | None = None) -> dict[str, Any]:
     path = cfg.run_dir()
     agreed(lambda: _check_run_dir(path, cfg) if info.is_main else None)
     if (path / "summary.json").exists():  # the same command again after it finished: report, don't retrain
@@ -229,7 +242,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, callbacks: tuple[Callback, ...] 
                 print(f"resuming from the checkpoint at step {start}", flush=True)
                 run.truncate_metrics_after(start)
             run.write_env(environment() | {"world_size": info.world_size, "device": str(info.device)})
-        summary = _loop(s, run, ckpt, start, callbacks)
+        summary = _loop(s, run, ckpt, start, callbacks, stop or preempt.StopRequest())
     except BaseException:
         if new is not None and (run is None or run.lines_written == 0):  # not one step done: leave no trace
             new.remove()
@@ -253,13 +266,14 @@ def _check_run_dir(path: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"--out {path}: its config.json cannot be read ({err}); pass another --out or remove "
                           "that directory") from None
     if old.identity() != cfg.identity():
-        diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != old.identity().get(k))
+        new_id, old_id = cfg.identity(), old.identity()
+        diff = sorted(k for k in new_id.keys() | old_id.keys() if new_id.get(k) != old_id.get(k))
         raise ConfigError(f"--out {path} holds a run with a different configuration (differs in: {', '.join(diff)}); "
                           "pass another --out or remove that directory")
 
 
 def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
-          callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+          callbacks: tuple[Callback, ...], stop: preempt.StopRequest) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, info = s.cfg, s.info
@@ -269,9 +283,16 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
     last: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     wall0 = time.perf_counter()
+    saved = start  # the step of the newest checkpoint on disk (start: the one resumed from, or none)
     for cb in callbacks:
         cb.on_train_start(s, start)
     for step in range(start, s.total_steps):
+        # The step boundary: every rank learns whether any rank was asked to stop, so all stop here.
+        if dist.any_rank(stop.requested):
+            bar.close()
+            if step > saved:
+                ckpt.save(step, s.engine)
+            raise preempt.Preempted(step, cfg.run_dir(), stop.signame, info.is_main)
         extra: dict[str, Any] = {}
 
         def hook(batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = step) -> None:
@@ -299,16 +320,19 @@ def _loop(s: Setup, run: RunDir | None, ckpt: Checkpointer, start: int,
         if run is not None:
             run.append_metrics(last)
         bar.update(1)
-        bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}))
+        # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not on every step (measured ~0.5 ms).
+        bar.set_postfix(loss=f"{last['train_loss']:.3f}", **({"acc": f"{evaluation['eval_acc']:.3f}"} if evaluation else {}),
+                        refresh=False)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == s.total_steps:
             ckpt.save(done, s.engine)
+            saved = done
     bar.close()
     s.feed.close()
     if not evaluation:  # resumed at the very end: nothing left to run, evaluate the loaded state
         evaluation = evaluate(s)
     summary = {
         "status": "complete", "mode": cfg.mode, "engine": cfg.engine, "norm": cfg.resolved_norm, "model": cfg.model,
-        "dataset": cfg.dataset, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
+        "dataset": cfg.dataset, "mixed_precision": cfg.mixed_precision, "world_size": cfg.world_size, "nfp": cfg.nfp, "ghost_groups": cfg.layer_groups,
         "sync_k": cfg.sync_k, "effective_gm": cfg.effective_gm, "factorization": cfg.factorization,
         "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "ghost_batch": cfg.ghost_batch,
         "buffer_sync": cfg.buffer_sync, "eval_split": cfg.eval_split, "steps": s.total_steps, "resumed_from": start,

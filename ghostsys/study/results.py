@@ -55,8 +55,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _settings(d: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Add config.json fields (cfg.* on a clash) and env.json fields (env.*: machine, versions) to row."""
+    for k, v in _flatten(_read_json(d / "config.json")).items():
+        row[f"cfg.{k}" if k in row else k] = v
+    for k, v in _flatten(_read_json(d / "env.json"), "env.").items():
+        row.setdefault(k, v)
+    return row
+
+
 def load(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
-    """One DataFrame row per run: run_dir, status, summary.json fields, config.json fields (cfg.* on a clash)."""
+    """One DataFrame row per run (training, check or profile): run_dir, status, summary.json fields,
+    config.json fields (cfg.* on a clash), env.json fields as env.* (machine, versions)."""
     import pandas as pd
 
     rows = []
@@ -64,9 +74,16 @@ def load(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
         summary = _flatten(_read_json(d / "summary.json"))
         row: dict[str, Any] = {"run_dir": str(d), "status": "incomplete" if not summary else "complete"}
         row |= summary  # a summary's own status (e.g. "failed") wins over the default
-        for k, v in _flatten(_read_json(d / "config.json")).items():
-            row[f"cfg.{k}" if k in row else k] = v
-        rows.append(row)
+        rows.append(_settings(d, row))
+    return pd.DataFrame(rows)
+
+
+def load_ranks(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
+    """One DataFrame row per (profiled run, rank): profile_ranks.jsonl lines with their run's settings."""
+    import pandas as pd
+
+    rows = [_settings(d, {"run_dir": str(d), **_flatten(r)})
+            for d in find_runs(paths) for r in read_jsonl(d / "profile_ranks.jsonl")]
     return pd.DataFrame(rows)
 
 

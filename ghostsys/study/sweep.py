@@ -7,7 +7,8 @@ profiles) or what a user writes by hand; it runs locally row by row or as a SLUR
 - ``row_id``: stable and unique in the table, safe as a directory name; a row's results go to
   ``<results>/<row_id>/`` whatever job runs it, so reruns and requeues never collide;
 - ``launcher``: ``python``, ``torchrun``, ``accelerate`` or ``deepspeed``; ``nprocs``: processes it starts;
-- ``script``: the entry script (default ``launch/run.py``);
+- ``script``: the entry script (default ``launch/run.py``), relative to the repository root (where
+  ``launch/`` lives) or absolute, so a row runs the same from any working directory;
 - every other column is a flag of that script, named as its config field (``mode``, ``nfp``, ``seed``,
   ...). An empty cell means the flag is not given; booleans are ``true``/``false``.
 """
@@ -19,14 +20,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-LAUNCHERS = ("python", "torchrun", "accelerate", "deepspeed")
+from ghostsys.run.launchers import LAUNCHERS
+from ghostsys.run.launchers import launcher_command as _launcher_command
+
 META = ("row_id", "launcher", "nprocs", "script")
 DEFAULT_SCRIPT = "launch/run.py"
+# The checkout ghostsys runs from (an editable install): relative `script` cells are read from here.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -119,6 +122,45 @@ def _validate(rows: list[dict[str, Any]], where: str) -> None:
                              "accelerate or deepspeed for more than one")
 
 
+def script_path(row: Mapping[str, Any]) -> Path:
+    """The row's entry script as an absolute path: relative cells are relative to the repository root."""
+    script = Path(_cell(row.get("script")) or DEFAULT_SCRIPT)
+    return script if script.is_absolute() else REPO_ROOT / script
+
+
+def check_rows(rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse, before anything runs, a row whose script is missing or whose flags launch/run.py would refuse.
+
+    Rows of launch/run.py are parsed with its own parser and validated as a RunConfig at the row's
+    process count, so a typo fails here, not hours later on a cluster node. Other scripts' flags are
+    theirs to check.
+    """
+    from ghostsys.run import presets
+    from ghostsys.run.cli import build_parser, config_from_args
+    from ghostsys.run.config import ConfigError
+
+    for i, row in enumerate(rows):
+        rid, script = row["row_id"], script_path(row)
+        if not script.is_file():
+            raise SweepError(f"{where}: row {i} ({rid}) runs {script}, which does not exist; give the script "
+                             f"relative to the repository root {REPO_ROOT} or as an absolute path")
+        if script != REPO_ROOT / DEFAULT_SCRIPT:
+            continue
+        parser = build_parser(DEFAULT_SCRIPT, "")
+
+        def refuse(message: str, i: int = i, rid: str = rid) -> None:
+            raise SweepError(f"{where}: row {i} ({rid}): {message}; fix that column")
+
+        parser.error = refuse  # argparse would print usage and exit; name the row instead
+        argv = row_argv(row)
+        cfg, _ = config_from_args(parser, argv)
+        try:  # as launch/run.py resolves it: the row's preset filled in, its explicit flags winning
+            cfg = presets.apply(cfg, presets.explicit_fields(parser, argv))
+            cfg.replace(world_size=int(row["nprocs"])).validate()
+        except ConfigError as err:
+            raise SweepError(f"{where}: row {i} ({rid}) with nprocs {row['nprocs']}: {err}") from None
+
+
 def row_argv(row: Mapping[str, Any]) -> list[str]:
     """The row's flags as command-line arguments (`--nfp 8`, `--augment` / `--no-augment`)."""
     argv: list[str] = []
@@ -134,51 +176,22 @@ def row_argv(row: Mapping[str, Any]) -> list[str]:
     return argv
 
 
-def _bin(name: str) -> str:
-    here = Path(sys.executable).parent / name  # the launcher installed beside this interpreter (the venv's)
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
 def launcher_command(launcher: str, nprocs: int, script: str, *, port: int | None = None,
                      cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and extra environment that start `nprocs` processes of `script` on this node.
-
-    On CPU, `accelerate launch --cpu --num_processes N` starts ONE process, so CPU runs use
-    `--multi_gpu` with ACCELERATE_USE_CPU=1. `port` is the rendezvous port (None: the launcher's default).
-    """
-    if cpu is None:
-        import torch
-
-        cpu = not torch.cuda.is_available()
-    nprocs = int(nprocs)
-    if launcher == "python":
-        if nprocs != 1:
-            raise SweepError("launcher python starts one process; use torchrun, accelerate or deepspeed for more")
-        return [sys.executable, script], {}
-    if launcher == "torchrun":
-        cmd = [_bin("torchrun"), "--nproc_per_node", str(nprocs)]
-        return cmd + (["--master_port", str(port)] if port else []) + [script], {}
-    if launcher == "accelerate":
-        cmd = [_bin("accelerate"), "launch", "--num_processes", str(nprocs), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if nprocs > 1:
-            cmd.append("--multi_gpu")
-        elif cpu:
-            cmd.append("--cpu")
-        cmd += ["--main_process_port", str(port)] if port else []
-        return cmd + [script], ({"ACCELERATE_USE_CPU": "1"} if cpu else {})
-    if launcher == "deepspeed":
-        cmd = [_bin("deepspeed"), "--num_gpus", str(nprocs)]
-        return cmd + (["--master_port", str(port)] if port else []) + [script], {}
-    raise SweepError(f"launcher {launcher!r} is unknown; choose one of {', '.join(LAUNCHERS)}")
+    """The command prefix and extra environment that start `nprocs` processes of `script` on this node
+    (``ghostsys.run.launchers.launcher_command``, with a SweepError naming the fix)."""
+    try:
+        return _launcher_command(launcher, nprocs, script, port=port, cpu=cpu)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
 
 
 def row_command(row: Mapping[str, Any], out_dir: str | Path, *, port: int | None = None,
                 cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
-    """The full command (and extra env) that runs one row with its results in `out_dir`."""
-    script = _cell(row.get("script")) or DEFAULT_SCRIPT
+    """The full command (and extra env) that runs one row with its results in `out_dir`, from any cwd."""
+    script = str(script_path(row))
     cmd, env = launcher_command(_cell(row["launcher"]), int(row["nprocs"]), script, port=port, cpu=cpu)
-    return cmd + row_argv(row) + ["--out", str(out_dir)], env
+    return cmd + row_argv(row) + ["--out", str(Path(out_dir).absolute())], env
 
 
 def default_results(table: str | Path) -> Path:

@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print(f"error: --threads {args.threads} must be >= 1", file=sys.stderr)
         return 2
+    import os
+
     import torch
 
     from ghostsys.study.analysis import run_notebooks, sweep
 
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the launched runs' threads per process
     t0 = time.perf_counter()
     failed = [] if args.skip_sweep else sweep(args.out, args.only)
     names = [n for n, part in NOTEBOOK_PART.items() if part in args.only]

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ghostsys.study.sweep import launcher_command, make_row, row_command, write_table
+from ghostsys.run.launchers import free_port, launcher_command
+from ghostsys.study.sweep import make_row, write_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("modes", "landscape", "tuning", "check", "profile")
@@ -122,32 +123,27 @@ def _spawn(cmd: list[str], env: Mapping[str, str], log: Path) -> int:
 
 
 def run_rows(rows: Sequence[Mapping[str, Any]], results: Path, log: Callable[[str], None] = print) -> list[str]:
-    """Run every row not yet complete (one-process rows here, others through their launcher); the failed row ids."""
+    """Run every row not yet complete: one-process rows in this process, others through their launcher
+    (ghostsys.study.runner.run_row: attempts recorded, output in <results>/logs/<row_id>.log); the failed row ids."""
+    from ghostsys.study.runner import row_state, run_row
+
     failed = []
     for i, row in enumerate(rows, 1):
-        d = results / row["row_id"]
-        if (d / "summary.json").exists():
+        if row_state(results, row)["state"] == "complete":
             continue
         t0 = time.perf_counter()
         if row["launcher"] == "python":
             run_here(row, results)
             code = 0
         else:
-            cmd, env = row_command(row, d.absolute(), port=_free_port())
-            code = _spawn(cmd, env, results / "logs" / f"{row['row_id']}.log")
+            (results / "logs").mkdir(parents=True, exist_ok=True)
+            with open(results / "logs" / f"{row['row_id']}.log", "ab") as sink:
+                code = run_row(row, results.absolute(), sink)
         log(f"  [{i}/{len(rows)}] {row['row_id']}: {'done' if code == 0 else f'FAILED (exit {code})'} "
             f"in {time.perf_counter() - t0:.1f} s")
         if code:
             failed.append(row["row_id"])
     return failed
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def run_check(name: str, results: Path) -> int:
@@ -156,7 +152,7 @@ def run_check(name: str, results: Path) -> int:
     out = results / name
     if (out / "summary.json").exists():
         return 0
-    cmd, env = launcher_command(launcher, nprocs, "launch/check.py", port=None if nprocs == 1 else _free_port())
+    cmd, env = launcher_command(launcher, nprocs, "launch/check.py", port=None if nprocs == 1 else free_port())
     return _spawn(cmd + argv + ["--out", str(out.absolute())], env, results / "logs" / f"{name}.log")
 
 

@@ -22,10 +22,10 @@ ZERO_FLOOR = 1e-9  # an exact zero drawn on a log axis
 
 
 def have(df: "pd.DataFrame", what: str) -> bool:
-    """True when `df` has rows; otherwise print that `what` is missing and return False (the figure is skipped)."""
+    """True when `df` has rows; otherwise print that `what` is missing and return False (the caller skips it)."""
     if df is not None and len(df):
         return True
-    print(f"no {what} in these results: figure skipped (`make analysis` runs them all)")
+    print(f"no {what}: skipped (`make analysis` produces every kind of result)")
     return False
 
 
@@ -189,10 +189,11 @@ def throughput(p: "pd.DataFrame", path: str | Path | None = None) -> "Figure | N
     """Samples/s against device count per mode (dashed: ideal = n x one device), and the scaling efficiency."""
     import seaborn as sns
 
-    d = p[p["scaling"].isin(["base", "strong"])] if len(p) else p
-    d = _varied(d, ["mode", "engine", "mixed_precision", "nfp"], "world_size").sort_values(["mode", "world_size"])
+    d = _varied(p[p["scaling"].isin(["base", "strong"])] if len(p) else p, ["mode", "engine", "mixed_precision", "nfp"],
+                "world_size")
     if not have(d, "modes profiled at more than one device count (strong scaling)"):
         return None
+    d = d.sort_values(["mode", "world_size"])
     with _style():
         fig, (a, b) = _figure(11, 4, ncols=2)
         palette = dict(zip(sorted(d["mode"].unique()), sns.color_palette(n_colors=d["mode"].nunique())))
@@ -222,9 +223,10 @@ CALLERS = ("grad", "syncbn", "buffer_sync", "loss_stats")
 
 def collectives(p: "pd.DataFrame", path: str | Path | None = None) -> "Figure | None":
     """The collectives' share of step time by caller (stacked), and the share not hidden behind compute (dots)."""
-    d = p[p["world_size"] > 1].sort_values(["mode", "world_size"]) if len(p) else p
+    d = p[p["world_size"] > 1] if len(p) else p
     if not have(d, "multi-process profile rows"):
         return None
+    d = d.sort_values(["mode", "world_size"])
     d = d.assign(run=[f"{m}\nn={n}, n_fp={f}" for m, n, f in zip(d["mode"], d["world_size"], d["nfp"])])
     with _style():
         fig, ax = _figure(max(5, 1.6 * len(d)), 4)

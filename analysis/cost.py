@@ -19,8 +19,8 @@
 # machine it was measured on: on a shared 2-core CPU the absolute numbers mean little, the ratios more.
 
 # %% tags=["parameters"]
-results = "runs/analysis/results/profile"  # folder(s) of launch/profile.py --out
-figures = "runs/analysis/figures"
+results = "../runs/analysis/results/profile"  # folder(s) of launch/profile.py --out
+figures = "../runs/analysis/figures"
 
 # %%
 # %matplotlib inline
@@ -31,9 +31,7 @@ from ghostsys.study import frames, plots
 figures = Path(figures)
 prof = frames.profiles(results)
 if plots.have(prof, f"profile rows under {results}"):
-    cols = ["mode", "world_size", "scaling", "nfp", "batch_size", "samples_per_s", "step_time_median_s",
-            "scaling_efficiency", "collective_share", "exposed_collective_share", "mem_mib"]
-    print(prof.sort_values(["mode", "nfp", "world_size"])[cols].to_string(index=False, float_format="{:.3g}".format))
+    print(frames.profile_table(prof).to_string(index=False, float_format="{:.3g}".format))
     print("measured on:", frames.measured_on(prof))
 
 # %% [markdown]

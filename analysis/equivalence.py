@@ -22,8 +22,8 @@
 # thing with itself. float64 tolerances are analytic (1e-10); float32 ones are derived in the run.
 
 # %% tags=["parameters"]
-results = "runs/analysis/results/check"  # folder(s) holding check.jsonl files (launch/check.py --out)
-figures = "runs/analysis/figures"
+results = "../runs/analysis/results/check"  # folder(s) holding check.jsonl files (launch/check.py --out)
+figures = "../runs/analysis/figures"
 
 # %%
 # %matplotlib inline

@@ -20,8 +20,8 @@
 # training, and both far narrower than no normalization.
 
 # %% tags=["parameters"]
-results = "runs/analysis/results/landscape"  # runs trained with --landscape-lrs
-figures = "runs/analysis/figures"
+results = "../runs/analysis/results/landscape"  # runs trained with --landscape-lrs
+figures = "../runs/analysis/figures"
 
 # %%
 # %matplotlib inline

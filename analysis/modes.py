@@ -20,8 +20,8 @@
 # genuinely differ (once per micro-batch, once per forward, rank 0's buffers, ...): this notebook shows where.
 
 # %% tags=["parameters"]
-results = "runs/analysis/results/modes"  # run folder(s): a path or a list of paths
-figures = "runs/analysis/figures"  # where the PNGs (and the rows behind them, as CSV) go
+results = "../runs/analysis/results/modes"  # run folder(s): a path or a list of paths
+figures = "../runs/analysis/figures"  # where the PNGs (and the rows behind them, as CSV) go
 
 # %%
 # %matplotlib inline

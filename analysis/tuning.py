@@ -19,8 +19,8 @@
 # stage 2 tunes `G_C` at that `G_M` (`ghostsys.study.tuning`). Does the cheap path land on the grid's best?
 
 # %% tags=["parameters"]
-results = "runs/analysis/results/tuning"  # stage-1 (GhostNorm) and grid (SeqNorm) runs
-figures = "runs/analysis/figures"
+results = "../runs/analysis/results/tuning"  # stage-1 (GhostNorm) and grid (SeqNorm) runs
+figures = "../runs/analysis/figures"
 metric = "eval_acc"
 well_within = 0.5  # stage 1 "performs well": mean within this many accuracy points of the best
 tie_within = 0.0  # ties: means within this many points; the lowest std wins

@@ -199,21 +199,20 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_notebooks(out: Path, names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[str]:
+def run_notebooks(out: Path, names: Sequence[str] | None = None, log: Callable[[str], None] = print,
+                  workers: int = 2) -> list[str]:
     """Execute the notebooks against <out>/results/<part>: executed .ipynb to <out>/notebooks, PNGs to <out>/figures."""
-    from ghostsys.study.notebooks import execute, notebooks
+    from ghostsys.study.notebooks import execute_many, notebooks
 
-    failed = []
-    for name, path in notebooks().items():
-        if names is not None and name not in names:
-            continue
-        params = {"results": str((out / "results" / NOTEBOOK_PART.get(name, name)).absolute()),
-                  "figures": str((out / "figures").absolute())}
-        t0 = time.perf_counter()
-        try:
-            execute(path, out / "notebooks" / f"{name}.ipynb", params)
-            log(f"  {name}: {out / 'notebooks' / f'{name}.ipynb'} ({time.perf_counter() - t0:.1f} s)")
-        except Exception as err:  # papermill names the failing cell; the partial notebook is written
-            log(f"  {name}: FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
-            failed.append(name)
-    return failed
+    jobs = {name: (path, out / "notebooks" / f"{name}.ipynb",
+                   {"results": str((out / "results" / NOTEBOOK_PART.get(name, name)).absolute()),
+                    "figures": str((out / "figures").absolute())})
+            for name, path in notebooks().items() if names is None or name in names}
+    t0 = time.perf_counter()
+    errors = execute_many(jobs, workers)
+    for name, err in errors.items():
+        # papermill names the failing cell; the partly executed notebook is written beside the others
+        log(f"  {name}: {jobs[name][1]}" + (f"  FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)}"
+                                            if err else ""))
+    log(f"  ({time.perf_counter() - t0:.0f} s)")
+    return [name for name, err in errors.items() if err]

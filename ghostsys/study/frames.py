@@ -265,6 +265,16 @@ def profiles(paths: Paths) -> "pd.DataFrame":
     return df
 
 
+PROFILE_TABLE = ("mode", "world_size", "scaling", "nfp", "batch_size", "samples_per_s", "step_time_median_s",
+                 "scaling_efficiency", "collective_share", "exposed_collective_share", "mem_mib")
+
+
+def profile_table(p: "pd.DataFrame") -> "pd.DataFrame":
+    """The main columns of profile rows (those present: a run without traced steps has no collectives' share)."""
+    cols = [c for c in PROFILE_TABLE if c in p]
+    return p.sort_values([c for c in ("mode", "nfp", "world_size") if c in p])[cols].reset_index(drop=True)
+
+
 def machine(r: dict[str, Any]) -> str:
     """Where and how a profile row was measured: CPU or GPU, threads per process, torch version."""
     dev = r.get("env.gpu") or r.get("env.device_name") if r.get("env.cuda_available") else r.get("env.cpu")

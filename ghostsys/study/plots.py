@@ -223,8 +223,9 @@ CALLERS = ("grad", "syncbn", "buffer_sync", "loss_stats")
 
 def collectives(p: "pd.DataFrame", path: str | Path | None = None) -> "Figure | None":
     """The collectives' share of step time by caller (stacked), and the share not hidden behind compute (dots)."""
-    d = p[p["world_size"] > 1] if len(p) else p
-    if not have(d, "multi-process profile rows"):
+    traced = "collective_share" in p and len(p)
+    d = p[(p["world_size"] > 1) & p["collective_share"].notna()] if traced else p.iloc[0:0]
+    if not have(d, "multi-process profile rows with traced steps (--profiled-steps)"):
         return None
     d = d.sort_values(["mode", "world_size"])
     d = d.assign(run=[f"{m}\nn={n}, n_fp={f}" for m, n, f in zip(d["mode"], d["world_size"], d["nfp"])])

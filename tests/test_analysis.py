@@ -27,7 +27,9 @@ from tests._launch import ROOT
 from tests._refusal import assert_refused
 from tests._slurm_sweep import TINY
 
-pytestmark = pytest.mark.dist  # its sources are multi-process runs (Slurm sweep, profile sweep, checker)
+# Its sources are multi-process runs (Slurm sweep, profile sweep, checker). Run first (file order), its setup may
+# pay for those shared session fixtures too: the timeout covers them (each runs once per session, whoever asks).
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(1800)]
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = {"modes": ["modes_curves", "modes_overlap", "modes_eval_policies"], "equivalence": ["equivalence_heatmap"],

@@ -43,5 +43,5 @@ plots.check_heatmap(rows, figures / "equivalence_heatmap.png")
 # ## Running statistics, in words (each statement measured by the checker)
 
 # %%
-for r in rows[rows["section"] == "facts"].itertuples():
-    print(f"[{r.verdict}] {r.quantity} ({r.policy}; measured {r.max_rel:.1e}, tol {r.tol:.0e})")
+for r in frames.check_facts(rows).itertuples():
+    print(f"[{r.verdict}] {r.statement} ({r.expect}; measured {r.measured}, tol {r.tol})")

@@ -13,12 +13,12 @@ kinds; each run directory is one of
 ``profiles`` (profile rows), ``papers`` (landscape bands, SeqNorm tuning).
 """
 
-from ghostsys.study.frames.checks import check_summary, checks
+from ghostsys.study.frames.checks import check_facts, check_summary, checks
 from ghostsys.study.frames.papers import band_phases, landscape, sequential_path, tuning_stats
 from ghostsys.study.frames.profiles import machine, measured_on, profile_table, profiles
 from ghostsys.study.frames.runs import (HOW, curves, experiment, final_eval, norm_label, overlap, runs, stats_policy,
                                         variant)
 
-__all__ = ["HOW", "band_phases", "check_summary", "checks", "curves", "experiment", "final_eval", "landscape",
+__all__ = ["HOW", "band_phases", "check_facts", "check_summary", "checks", "curves", "experiment", "final_eval", "landscape",
            "machine", "measured_on", "norm_label", "overlap", "profile_table", "profiles", "runs", "sequential_path",
            "stats_policy", "tuning_stats", "variant"]

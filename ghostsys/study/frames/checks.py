@@ -65,6 +65,20 @@ def check_summary(k: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(out)
 
 
+def check_facts(k: "pd.DataFrame") -> "pd.DataFrame":
+    """The running-statistics statements the checker measured: verdict, statement, what was measured, tolerance."""
+    import math
+
+    import pandas as pd
+
+    f = k[k["section"] == "facts"] if len(k) else k
+    rows = [{"verdict": r["verdict"], "statement": r["quantity"], "expect": r["policy"],
+             "measured": (f"{r['max_rel']:.1e}" if not math.isnan(r["max_rel"]) else
+                          "integer counters differ" if "integers differ" in str(r.get("note")) else "n/a"),
+             "tol": f"{r['tol']:.0e}"} for r in f.to_dict("records")]
+    return pd.DataFrame(rows, columns=["verdict", "statement", "expect", "measured", "tol"])
+
+
 def _world(df: "pd.DataFrame") -> int:
     m = df["factorization"].astype(str).str.extract(r"n_g (\d+)")[0].dropna()
     return int(m.astype(int).max()) if len(m) else 1

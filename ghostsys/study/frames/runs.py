@@ -29,6 +29,7 @@ NORM_NAMES = {"batch": "BatchNorm", "ghost": "GhostNorm", "seq": "SeqNorm", "gro
 
 
 def empty(columns: Iterable[str] = ()) -> "pd.DataFrame":
+    """A frame with no rows (what every loader returns when nothing of its kind is there)."""
     import pandas as pd
 
     return pd.DataFrame(columns=list(columns))

@@ -35,6 +35,7 @@ def save(fig: "Figure", path: str | Path | None, data: "pd.DataFrame | None" = N
 
 @contextmanager
 def style(axes: str = "whitegrid") -> Iterator[None]:
+    """Seaborn's look for the axes made inside, without touching matplotlib's global rcParams."""
     import seaborn as sns
 
     with sns.axes_style(axes), sns.plotting_context("notebook", font_scale=0.85):
@@ -42,6 +43,7 @@ def style(axes: str = "whitegrid") -> Iterator[None]:
 
 
 def figure(width: float, height: float, **kw: Any) -> tuple["Figure", Any]:
+    """A bare Figure (no pyplot: no backend, no global figure registry) and its subplots(**kw)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -49,5 +51,6 @@ def figure(width: float, height: float, **kw: Any) -> tuple["Figure", Any]:
 
 
 def gm_hue(df: "pd.DataFrame") -> tuple["pd.DataFrame", list[str]]:
+    """df with a "ghost groups" label column (G_M=4, ...) and those labels in numeric order, for hue=."""
     order = [f"G_M={g}" for g in sorted(df["G_M"].unique())]
     return df.assign(**{"ghost groups": [f"G_M={g}" for g in df["G_M"]]}), order

@@ -36,6 +36,7 @@ def tuning_grid(stats: "pd.DataFrame", sel: dict[str, Any], path: str | Path | N
     """SeqNorm's G_C x G_M grid (mean accuracy, +-std over seeds) under stage 1's GhostNorm row, with the sequential
     strategy's path: stage 1's pick (box), the stage-2 column it tunes at (dashed), its pick (star); grid best (o)."""
     import seaborn as sns
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
     if not have(stats, "tuning runs (mode layer, norm ghost or seq)"):
@@ -67,6 +68,11 @@ def tuning_grid(stats: "pd.DataFrame", sel: dict[str, Any], path: str | Path | N
             g = sel["grid"].table[sel["grid"].table["chosen"]].iloc[0]
             ax.plot(col[int(g["gm"])] + 0.18, rows[int(g["gc"])] + 0.22, marker="o", ms=11, mfc="w", mec="k", mew=1.5)
         fig.suptitle(_path_title(sel, len(ghost), len(seq)), fontsize=9)
+        keys = [Line2D([], [], color="red", lw=3, label="stage 1 pick (G_M)"),
+                Line2D([], [], color="red", lw=2, ls="--", label="stage 2: G_C at that G_M"),
+                Line2D([], [], color="red", marker="*", ms=12, lw=0, label="sequential pick"),
+                Line2D([], [], marker="o", ms=9, mfc="w", mec="k", lw=0, label="grid best")]
+        fig.legend(handles=keys, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     return save(fig, path, stats)
 
 

@@ -2,6 +2,7 @@
 """Check that every GhostNorm mechanism is the same experiment, against an independent reference.
 
     python launch/check.py                                   # n_g = 1: layer / accumulate factorizations
+    python launch/check.py --dtype bf16-autocast             # training under --mixed-precision bf16
     torchrun --nproc_per_node 2 launch/check.py              # n_g = 2, Accelerate: unsynced, layer, syncbn
     deepspeed --num_gpus 2 launch/check.py --engine deepspeed
 

@@ -179,7 +179,8 @@ CHECK_CASES: dict[str, list[Case] | str] = {
                   (["--target-gm", "3"], "no factorization")],
     "steps": [(["--steps", "0"], ">= 1")],
     "seed": [(["--seed", "-1"], "0 <=")],
-    "dtype": [(["--dtype", "float16"], "choose one of")],
+    "dtype": [(["--dtype", "float16"], "choose one of"),
+              (["--dtype", "bf16-autocast", "--engine", "deepspeed"], "--engine accelerate")],
     "engine": [(["--engine", "horovod"], "choose one of")],
     "zero_stage": [(["--zero-stage", "3"], "choose one of 0, 1, 2"),
                    (["--zero-stage", "1"], "--engine deepspeed")],
@@ -190,7 +191,8 @@ CHECK_CASES: dict[str, list[Case] | str] = {
     "lr": [(["--lr", "nan"], "finite"), (["--lr", "-1"], "> 0")],
     "momentum": [(["--momentum", "1"], "[0, 1)")],
     "weight_decay": [(["--weight-decay", "-1"], ">= 0")],
-    "inject": [(["--inject", "bogus"], "choose one of")],
+    "inject": [(["--inject", "bogus"], "choose one of"),
+               (["--inject", "interleaved"], "launch 2")],
     "out": [(["--out", "{F}/a_file"], "is a file")],
 }
 

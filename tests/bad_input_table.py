@@ -67,9 +67,12 @@ def main() -> int:
     p.add_argument("--before", type=Path, help="a checkout to compare with (e.g. main before the change)")
     p.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1], help="checkout (default: this one)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per combination")
+    p.add_argument("--limit", type=int, default=0,
+                   help="only the first N combinations (the issue's 19 examples come first); 0 = all")
     args = p.parse_args()
     roots = {"before": args.before, "after": args.after} if args.before else {"after": args.after}
     combos = run_combinations(cuda_available=_cuda(args.after))
+    combos = combos[:args.limit] if args.limit > 0 else combos
     results: dict[str, list[dict]] = {k: [] for k in roots}
     for i, argv in enumerate(combos, 1):
         for name, root in roots.items():

@@ -1,6 +1,6 @@
 """The equivalence checker end to end: both engines on 2 CPU processes, SyncBN subgroups on 4,
-SeqNorm, float32 with tolerances derived in the run, and deliberately wrong variants that it must
-catch (fault injection) -- in float32."""
+SeqNorm, float32 and bf16 autocast with tolerances derived in the run, and deliberately wrong variants
+that it must catch (fault injection) -- in float32 and, where bf16 resolves them, in bf16."""
 
 from __future__ import annotations
 
@@ -119,12 +119,25 @@ TWO = {
 INJECTED = {"inject-no-nfp-scaling": (1, "grads"), "inject-interleaved": (2, "logits"),
             "inject-wrong-rank-buffers": (2, "buffers rank 0")}
 
+# bf16 autocast (Accelerate's, through --mixed-precision bf16), in the same two launches. resnet20 (seed 1, as
+# above) on one process, simplenet over every 2-process mode; the two faults bf16 still catches at this size.
+# (wrong-rank-buffers is left out: at bf16 its buffers sit near their tolerance -- 1.25x at M = 16, 0.5x and
+# so "cannot tell apart", exit 4, at M = 32 -- and a test must not ride that edge either way.)
+BF16 = dict(dtype="bf16-autocast")
+ONE |= {"bf16-resnet20-k3": dict(R20, **BF16, steps=3),
+        "bf16-inject-no-nfp-scaling": dict(BF16, model="cnn", steps=2, modes="accumulate", inject="no-nfp-scaling")}
+TWO |= {"bf16-simplenet-k3": dict(BF16, model="simplenet", steps=3),
+        "bf16-inject-interleaved": dict(BF16, model="cnn", steps=2, modes="unsynced", inject="interleaved")}
+BF16_CORRECT = [(1, "bf16-resnet20-k3"), (2, "bf16-simplenet-k3")]
+BF16_INJECTED = {"bf16-inject-no-nfp-scaling": (1, "grads"), "bf16-inject-interleaved": (2, "logits")}
+
 
 # float32_runs (tests/conftest.py) runs every case above once per session: one plain-python launch (1 process)
 # and one torchrun launch (2 processes); the analysis notebooks' test draws its heatmap from them too.
 
 
-CORRECT = [(1, n) for n in ONE if n not in INJECTED] + [(2, n) for n in TWO if n not in INJECTED]
+CORRECT = [(nprocs, n) for nprocs, cases in ((1, ONE), (2, TWO)) for n in cases
+           if n not in INJECTED and not n.startswith("bf16-")]
 
 
 @pytest.mark.parametrize("nprocs,name", CORRECT, ids=[f"{n}p-{name}" for n, name in CORRECT])
@@ -170,9 +183,37 @@ def test_float32_catches_every_injected_fault(float32_runs, name):
     assert (hard["verdict"] == "differs").all()  # the control itself still works
 
 
+@pytest.mark.parametrize("nprocs,name", BF16_CORRECT, ids=[f"{n}p-{name}" for n, name in BF16_CORRECT])
+def test_bf16_autocast_passes_on_correct_code_and_states_what_it_cannot_resolve(float32_runs, nprocs, name):
+    out = float32_runs[nprocs] / name
+    s, df = _summary(out), _rows(out)
+    assert s["exit_code"] == 0 and s["all_passed"] and s["control_ok"], df[~df["passed"]].to_string()
+    assert s["precision"] == "bf16-autocast" and not s["hard_controls"]
+    assert {t["precision"] for t in s["tolerances"]} == {"bf16-autocast"}
+    assert set(df["tol_source"]) <= {"derived", "floor"} and (df["factor"].isin([SAFETY_FACTOR, 2 * SAFETY_FACTOR])).all()
+    # The engine really trained under bf16 autocast: first-step logits land further from float64 than float32
+    # can (2^-16 is 256 float32 roundoffs; bf16's unit roundoff is 2^-8).
+    assert (df[df["quantity"] == "logits"]["max_rel"] > 2.0 ** -16).all()
+    # No control can reach 100x at bf16: every control is a stated resolution, and the first-step logits one
+    # still tells G_M = 1 from the target (err/tol > 1), which is what lets the check pass.
+    ctrl = df[df["section"] == "control"].set_index("quantity")
+    assert set(ctrl["verdict"]) <= {"weak", "unresolved", "differs"}
+    assert ctrl.loc["logits", "verdict"] in ("weak", "differs") and ctrl.loc["logits", "ratio"] > 1
+
+
+@pytest.mark.parametrize("name", list(BF16_INJECTED))
+def test_bf16_autocast_catches_the_faults_it_can_resolve(float32_runs, name):
+    nprocs, failing = BF16_INJECTED[name]
+    out = float32_runs[nprocs] / name
+    s, df = _summary(out), _rows(out)
+    assert s["exit_code"] == 1, s
+    assert failing in set(df[df["verdict"] == "FAIL"]["quantity"])
+
+
 @pytest.mark.parametrize("argv, expect", [
     (["--dtype", "float16"], "--dtype"),
-    (["--dtype", "bf16-autocast"], "choose one of auto, float64, float32, tf32"),
+    (["--dtype", "bf16-autocast", "--engine", "deepspeed"], "--engine accelerate for bf16"),
+    (["--inject", "wrong-rank-buffers"], "does not exist on 1 process"),
     (["--dtype", "tf32"], "CUDA"),
     (["--inject", "everything"], "--inject"),
     (["--target-gm", "1"], "--target-gm"),

@@ -145,3 +145,20 @@ def test_resolution_controls_below_float64_are_stated_not_failed():
     # The same statement under float64's analytic tolerance is a hard control: it fails.
     hard = compare("weights", x, x, analytic("weights"), **kw)
     assert hard.verdict == "SAME" and exit_code(_rows() + [hard]) == 2
+
+
+def test_where_every_control_is_a_resolution_statement_one_must_still_tell_them_apart():
+    """bf16: no control can be held to 100x; the check passes only if one differs by more than its tolerance."""
+    x = torch.ones(8, dtype=torch.float64)
+    bf = Tolerance("logits", "bf16-autocast", 0.05, "derived", 0.017, 3.0, (("as written", 0.003),), "logits")
+    comps = _rows()[:3]
+    kw = dict(control=True, resolution=True)
+    weak = compare("logits", x * 1.25, x, bf, **kw)  # 5x its tolerance: told apart, not by 100x
+    blind = compare("weights", x * 1.01, x, bf, **kw)  # within it
+    assert (weak.verdict, blind.verdict) == ("weak", "unresolved")
+    s = summary(comps + [weak, blind])
+    assert s["controls"] == 0 and s["control_ok"] and exit_code(comps + [weak, blind]) == 0
+    assert exit_code(comps + [blind]) == 2  # nothing shows the check can tell G_M = 1 from the target
+    text = render(comps + [weak, blind], [bf], [], 0, precision="bf16-autocast", notes=["about the precision"])
+    assert "NOTE: about the precision" in text and "the clearest at err/tol 5.00e+00 (one must exceed 1)" in text
+    assert "differ by only 5x the tolerance" in text and "the check CANNOT TELL these apart" in text

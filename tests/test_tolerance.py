@@ -78,6 +78,28 @@ def test_bf16_autocast_is_a_precision_of_the_reference_not_a_table():
     assert all(w.dtype == torch.float32 for w in d.runs["as written"].weights.values())  # autocast: float32 weights
 
 
+def test_bf16_autocast_floors_follow_the_dtype_each_value_is_held_in():
+    d, _ = _derive("bf16-autocast", steps=1)
+    run = d.runs["as written"]
+    assert run.logits.dtype == torch.bfloat16 and run.loss.dtype == torch.float32  # autocast: cross-entropy in float32
+    zero = d.tolerance("loss", lambda tr: torch.zeros_like(tr.loss), label="a float32 mean of 16", terms=16)
+    assert zero.source == "floor" and zero.tol == T.SAFETY_FACTOR * 4 * 2.0 ** -24 and "of float32" in zero.why
+    flat = d.tolerance("logits", lambda tr: torch.zeros_like(tr.logits), label="bf16 logits")
+    assert flat.tol == T.SAFETY_FACTOR * 2.0 ** -8 and "of bfloat16" in flat.why
+
+
+def test_controls_are_hard_where_100x_is_reachable_and_autocast_is_applied_once():
+    f32, bf16 = T.precision("float32"), T.precision("bf16-autocast")
+    assert f32.hard_controls and T.precision("float64").hard_controls and T.precision("tf32").hard_controls
+    assert not bf16.hard_controls and bf16.control_reach == pytest.approx(100 * 3 * 2.0 ** -8)
+    assert T.notes(f32) == [] and "1.17" in T.notes(bf16)[0]
+    assert bf16.mixed_precision == "bf16" and f32.mixed_precision == "no"
+    with bf16.context("cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with bf16.context("cpu", autocast=False):  # the engine's own autocast is the only one
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_tf32_exists_on_cuda_only():
     p = T.precision("tf32")
     with pytest.raises(ValueError, match="CUDA"):

@@ -33,7 +33,7 @@ from ghostsys.check.report import Row, Tolerance, compare
 from ghostsys.run.train import Setup, build, micro_batches, train_step
 
 INJECTIONS = ("", "interleaved", "no-nfp-scaling", "wrong-rank-buffers")
-CHECKED_PRECISIONS = ("float64", "float32", "tf32")  # bf16-autocast waits for the run's mixed-precision setting
+CHECKED_PRECISIONS = ("float64", "float32", "bf16-autocast", "tf32")
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,9 @@ class CheckConfig:
     """Seed for weights and data."""
     dtype: str = "auto"
     """float64 (analytic tolerance 1e-10 relative), float32 (tolerances derived in the run from the reference's
-    own float32-vs-float64 divergence), tf32 (CUDA only, derived likewise), or auto: float64, except float32
-    under DeepSpeed (which cannot train float64)."""
+    own float32-vs-float64 divergence), bf16-autocast (training with --mixed-precision bf16 on float32 weights,
+    Accelerate only; derived likewise, the reference under the same autocast), tf32 (CUDA only, derived
+    likewise), or auto: float64, except float32 under DeepSpeed (which cannot train float64)."""
     engine: str = "accelerate"
     """Engine under test: accelerate or deepspeed."""
     zero_stage: int = 0
@@ -86,7 +87,18 @@ class CheckConfig:
         if self.sync_group_size and world % self.sync_group_size:
             raise ConfigError(f"--sync-group-size {self.sync_group_size} does not divide the {world} launched "
                               f"process(es); valid: {[k for k in range(1, world + 1) if world % k == 0]}")
+        if self.inject in ("interleaved", "wrong-rank-buffers") and world == 1:
+            # Both are data-parallel faults: on one process the strided order IS the contiguous one and there is
+            # no other rank's buffers, so the "faulty" run is the correct one and exit 4 would blame the precision.
+            raise ConfigError(f"--inject {self.inject} is a data-parallel fault that does not exist on 1 process; launch "
+                              "2 (torchrun --nproc_per_node 2 launch/check.py ...), or use --inject no-nfp-scaling")
         c = replace(self, dtype=("float32" if self.engine == "deepspeed" else "float64") if self.dtype == "auto" else self.dtype)
+        if c.dtype == "bf16-autocast" and c.engine == "deepspeed":
+            # DeepSpeed's bf16 runs on CPU but is not autocast (bf16 weights, activations, buffers and loss over
+            # float32 masters): the reference's draws do not bound it, so its verdicts would mean nothing.
+            raise ConfigError("--dtype bf16-autocast checks autocast over float32 weights, which DeepSpeed's bf16 mode "
+                              "is not (bf16 weights and buffers, float32 masters; no reference for it yet): use "
+                              "--engine accelerate for bf16, or --dtype float32 with --engine deepspeed")
         if c.dtype == "tf32" and not torch.cuda.is_available():
             raise ConfigError("--dtype tf32 exists on CUDA GPUs only (CPU float32 matmuls are IEEE); use --dtype float32")
         if not variants(c, world):
@@ -170,7 +182,8 @@ def run_config(c: CheckConfig, v: Variant, world: int) -> RunConfig:
                      ghost_groups=v.g_layer, channel_groups=c.channel_groups if norm == "seq" else 1,
                      sync_group_size=v.k if v.mode == "syncbn" else 0, stats_policy=v.stats_policy,
                      buffer_sync=v.buffer_sync, world_size=world, max_steps=c.steps, lr=c.lr, momentum=c.momentum,
-                     weight_decay=c.weight_decay, seed=c.seed, dtype=tl.run_dtype(c.dtype), zero_stage=c.zero_stage,
+                     weight_decay=c.weight_decay, seed=c.seed, dtype=tl.run_dtype(c.dtype),
+                     mixed_precision=tl.precision(c.dtype).mixed_precision, zero_stage=c.zero_stage,
                      progress=False).validate()
 
 
@@ -297,7 +310,7 @@ def check_variant(c: CheckConfig, v: Variant, info: dist.DistInfo, p: tl.Precisi
     """
     cfg = run_config(c, v, info.world_size)
     s = build(cfg, info)
-    with p.context(info.device):
+    with p.context(info.device, autocast=False):  # the engine autocasts itself (cfg.mixed_precision)
         got = observe(c, s)
     groups = ref.ghost_group_indices(c.batch_size, info.world_size, v.nfp, v.g_layer, v.k)
     model, batches = reference_inputs(c, cfg, s)
@@ -388,10 +401,11 @@ def check_on(c: CheckConfig, info: dist.DistInfo) -> int:
         out.write_env(environment() | {"device": str(info.device)})
         write_rows(rows, out.path)
         tols = [t for d in derivations for t in d.tolerances()]
-        print(render(rows, tols, timings, code, inject=c.inject, precision=c.dtype), flush=True)
+        print(render(rows, tols, timings, code, inject=c.inject, precision=c.dtype, notes=tl.notes(tl.precision(c.dtype))), flush=True)
         out.write_summary(summary(rows) | {
             "seconds": round(wall, 2), "exit_code": code, "timings": timings, "world_size": info.world_size,
             "engine": c.engine, "precision": c.dtype, "safety_factor": tl.SAFETY_FACTOR,
-            "dither_ulps": tl.DITHER_ULPS, "tolerances": [dataclasses.asdict(t) for t in tols]})
+            "dither_ulps": tl.DITHER_ULPS, "hard_controls": tl.precision(c.dtype).hard_controls,
+            "tolerances": [dataclasses.asdict(t) for t in tols]})
         print(f"rows in {out.path} ({wall:.1f} s)", flush=True)
     return code

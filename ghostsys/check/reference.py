@@ -274,7 +274,12 @@ class RefTrace:
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy over the batch, from log_softmax and gather (no F.cross_entropy)."""
+    """Mean cross-entropy over the batch, from log_softmax and gather (no F.cross_entropy).
+
+    Low-precision logits (autocast) are taken in float32 first: autocast runs cross-entropy in float32.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     return -(logits.log_softmax(1).gather(1, y[:, None])).mean()
 
 

@@ -228,19 +228,22 @@ def write_rows(rows: Sequence[Row], run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def summary(rows: Sequence[Row]) -> dict[str, object]:
-    """Counts of comparisons and controls; all_passed (comparisons) and control_ok (>= 1 control, all differ).
+    """Counts of comparisons and controls; all_passed (comparisons) and control_ok (every counted control
+    differs, and at least one control tells G_M = 1 from the target).
 
     Unresolved rows (a resolution statement this precision cannot settle) are counted apart and
-    decide neither.
+    decide neither. Where every control is a resolution statement (bf16), control_ok needs one that
+    differs by more than its tolerance (``weak``): then the check at least tells the two apart.
     """
     counted = [r for r in rows if r.counts]
     comps = [r for r in counted if not r.is_control]
     ctrls = [r for r in counted if r.is_control]
+    tells = [r for r in rows if r.is_control and r.verdict in ("differs", "weak")]
     return {"rows": len(rows), "comparisons": len(comps), "comparisons_failed": sum(not r.passed for r in comps),
             "controls": len(ctrls), "controls_failed": sum(not r.passed for r in ctrls),
             "weak": sum(r.verdict == "weak" for r in rows), "unresolved": sum(r.verdict == "unresolved" for r in rows),
             "all_passed": bool(comps) and all(r.passed for r in comps),
-            "control_ok": bool(ctrls) and all(r.passed for r in ctrls),
+            "control_ok": bool(tells) and all(r.passed for r in ctrls),
             # the margins on both sides: how close correct rows came to their tolerance, controls and
             # must-differ statements to theirs (err/tol; a control needs > CONTROL_FACTOR), failures
             "max_ratio_ok": _most(max, [r.ratio for r in counted if r.verdict == "ok"]),
@@ -256,7 +259,8 @@ def _most(f, xs: list[float]) -> float | str | None:
 
 def exit_code(rows: Sequence[Row], injected: bool = False) -> int:
     """0 when every comparison passed and every control differed; bit 1: a comparison failed (or none
-    ran); bit 2: a control failed to differ (or there was none, so nothing shows the check can fail);
+    ran); bit 2: a control failed to differ (or none told G_M = 1 from the target, so nothing shows the
+    check can fail);
     bit 4: a fault was injected and NO comparison caught it (at this precision the check cannot tell
     it from correct code -- never a silent pass)."""
     s = summary(rows)
@@ -267,8 +271,10 @@ def exit_code(rows: Sequence[Row], injected: bool = False) -> int:
 
 
 def render(rows: Sequence[Row], tols: Sequence[Tolerance], timings: Sequence[dict], code: int, *,
-           inject: str = "", precision: str = "") -> str:
-    """The whole printed report: comparisons, running statistics in words, tolerances, times, verdict."""
+           inject: str = "", precision: str = "", notes: Sequence[str] = ()) -> str:
+    """The whole printed report: comparisons, running statistics in words, tolerances, times, verdict.
+
+    `notes`: lines about the precision itself, printed before the per-row NOTEs."""
     facts = [r for r in rows if r.section == "facts"]
     out = ["\n## Comparisons\n", markdown_table([r for r in rows if r.section != "facts"]),
            "\n## Running statistics, in words\n"]
@@ -280,6 +286,7 @@ def render(rows: Sequence[Row], tols: Sequence[Tolerance], timings: Sequence[dic
     out += ["\n## Tolerances\n", tolerance_table(tols),
             "\n## Time per variant (s)\n", "\n".join(f"- {t['variant']}: {t['seconds']}" for t in timings), ""]
     s = summary(rows)
+    out += [f"NOTE: {n}" for n in notes]
     unresolved = [r for r in rows if not r.counts]
     for r in unresolved:
         what = r.note.split(";")[0] if r.section == "facts" else f"{r.quantity} of {r.factorization}"
@@ -289,8 +296,11 @@ def render(rows: Sequence[Row], tols: Sequence[Tolerance], timings: Sequence[dic
                    f"{r.factor:g} x divergence {r.divergence:.2e}); a fault of this size would "
                    + ("pass unseen" if r.verdict == "unresolved"
                       else f"fail its rows, but by less than the {CONTROL_FACTOR:g}x a control demands"))
-    out.append(f"margins: largest err/tol among passing comparisons {_fmt(s['max_ratio_ok'])}; smallest err/tol "
-               f"among controls {_fmt(s['min_ratio_control'])} (must exceed {CONTROL_FACTOR:g})"
+    clearest = _most(max, [r.ratio for r in rows if r.is_control])
+    ctrl = (f"smallest err/tol among controls {_fmt(s['min_ratio_control'])} (must exceed {CONTROL_FACTOR:g})"
+            if s["controls"] else f"every control is a resolution statement at {precision}, the clearest at err/tol "
+            f"{_fmt(clearest)} (one must exceed 1)")
+    out.append(f"margins: largest err/tol among passing comparisons {_fmt(s['max_ratio_ok'])}; {ctrl}"
                + (f"; largest err/tol among failed rows {_fmt(s['max_ratio_failed'])}" if s["max_ratio_failed"] else ""))
     caught = [r for r in rows if r.counts and not r.is_control and not r.passed]
     if code & 4:

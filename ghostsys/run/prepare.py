@@ -108,7 +108,8 @@ def open_data_and_model(cfg: RunConfig) -> tuple[Any, Any, dict, BatchOrder, nn.
     try:
         model = build_model(cfg.model, num_classes=meta["num_classes"], in_shape=tuple(meta["input_shape"]), norm=norm)
     except ValueError as err:  # an unknown name, a depth that is not 6n+2, ...
-        raise ConfigError(f"--model {cfg.model}: {err}") from None
+        why = str(err)  # build_model's messages may already name the flag
+        raise ConfigError(why if why.startswith("--model") else f"--model {cfg.model}: {why}") from None
     if refused and cfg.resolved_norm in ("seq", "group") and any(c % cfg.channel_groups for c in counts):
         raise ConfigError(f"--channel-groups {cfg.channel_groups} does not divide the channel counts of {cfg.model}'s "
                           f"norm layers ({', '.join(map(str, sorted(set(counts))))}); valid --channel-groups: "

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ghostsys-installed
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
-.PHONY: setup run test bench check profile gpu-check clean
+.PHONY: setup run test bench check profile analysis gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ check: setup
 
 profile: setup
 	$(BIN)/python launch/profile.py --modes unsynced,syncbn --world-sizes 1,2 --steps 12 --out runs/profile
+
+# The short real CPU sweep behind the notebooks, then every notebook executed against it (~8 min on 2 cores):
+# executed notebooks in runs/analysis/notebooks/, figures (PNG + the rows behind each, CSV) in runs/analysis/figures/.
+analysis: setup
+	MPLBACKEND=Agg $(BIN)/python launch/analysis.py --out runs/analysis
 
 # One GPU, under 8 minutes: layer benchmark, layer/accumulate profile at fp32 and bf16, checker on CUDA.
 gpu-check: setup

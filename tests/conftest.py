@@ -3,7 +3,8 @@ equivalence table the end-to-end tests read (run here, without Slurm, where Slur
 
 The sweep starts with the session's first test when any selected test needs it, and runs in the background
 (Slurm's jobs, or one `launch/sweep.py run` process) while the other tests run: on 2 cores most tests leave one
-idle. The first test that needs its results waits for the rest."""
+idle. The first test that needs its results waits for the rest. Also: one real profile sweep and the checker's
+float32 runs, shared by their own tests and the analysis notebooks' test."""
 
 from __future__ import annotations
 
@@ -87,3 +88,31 @@ def _shared_sweep_starts_with_the_session(request):
             pass
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session")
+def profile_sweep(tmp_path_factory):
+    """ONE real launch/profile.py sweep (tests/test_profile_e2e.py's SWEEP: unsynced and SyncBN, ResNet-20, on 1
+    and 2 CPU processes), shared by the profile and analysis tests: (results folder, the finished process)."""
+    from tests.test_profile_e2e import _profile
+
+    out = tmp_path_factory.mktemp("profile")
+    return out, _profile(out)
+
+
+@pytest.fixture(scope="session")
+def float32_runs(tmp_path_factory):
+    """The checker's float32 cases of tests/test_check.py: one plain-python launch (1 process) and one torchrun
+    launch (2 processes), each case a check.jsonl folder under {1: ..., 2: ...}; shared with the analysis tests."""
+    import json
+
+    from tests._launch import run
+    from tests.test_check import ONE, SMALL, TWO
+
+    out = tmp_path_factory.mktemp("f32")
+    for nprocs, cases in ((1, ONE), (2, TWO)):
+        todo = {name: {**SMALL, **fields} for name, fields in cases.items()}
+        proc = run([str(out / str(nprocs)), json.dumps(todo)], script="tests/check_worker.py", nprocs=nprocs,
+                   launcher="python" if nprocs == 1 else "torchrun", check=False, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return {1: out / "1", 2: out / "2"}

@@ -132,16 +132,8 @@ BF16_CORRECT = [(1, "bf16-resnet20-k3"), (2, "bf16-simplenet-k3")]
 BF16_INJECTED = {"bf16-inject-no-nfp-scaling": (1, "grads"), "bf16-inject-interleaved": (2, "logits")}
 
 
-@pytest.fixture(scope="session")
-def float32_runs(tmp_path_factory) -> dict[int, Path]:
-    """Run every float32 case: one plain-python launch (1 process) and one torchrun launch (2 processes)."""
-    out = tmp_path_factory.mktemp("f32")
-    for nprocs, cases in ((1, ONE), (2, TWO)):
-        todo = {name: {**SMALL, **fields} for name, fields in cases.items()}
-        proc = run([str(out / str(nprocs)), json.dumps(todo)], script="tests/check_worker.py", nprocs=nprocs,
-                   launcher="python" if nprocs == 1 else "torchrun", check=False, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    return {1: out / "1", 2: out / "2"}
+# float32_runs (tests/conftest.py) runs every case above once per session: one plain-python launch (1 process)
+# and one torchrun launch (2 processes); the analysis notebooks' test draws its heatmap from them too.
 
 
 CORRECT = [(nprocs, n) for nprocs, cases in ((1, ONE), (2, TWO)) for n in cases

@@ -36,9 +36,8 @@ def _profile(out) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("profile")
-    proc = _profile(out)
+def sweep(profile_sweep):
+    out, proc = profile_sweep  # tests/conftest.py: run once per session, shared with the analysis notebooks' test
     return out, proc, load(out).set_index(["mode", "world_size"])
 
 

@@ -145,19 +145,9 @@ def band_table(results: Path) -> tuple[Any, Any]:
 
 def plot_bands(per_step: Any, path: Path) -> None:
     """The papers' Fig. 2 for this run: per norm, the band between min and max probe loss over steps (log scale)."""
-    import matplotlib
+    from ghostsys.study.plots import landscape_bands
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, d in per_step.groupby("label", sort=False):
-        ax.fill_between(d["step"], d["landscape_min"], d["landscape_max"].clip(upper=1e3), alpha=0.35, label=label)
-    ax.set(yscale="log", xlabel="step", ylabel="loss along -g (eta 0.1 ... 0.8)", title="digits, SimpleNet, M=256")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    landscape_bands(per_step, path, label="label", title="digits, SimpleNet, M=256")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

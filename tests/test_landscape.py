@@ -8,7 +8,6 @@ probe that does not restore state must break that (negative control).
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch

@@ -3,11 +3,9 @@ multi-node template's per-node commands (golden), and the batch scripts' signal 
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap

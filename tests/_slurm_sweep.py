@@ -16,14 +16,11 @@ What it submits, all at once so that Slurm's waits overlap the CPU work (2 cores
    one after another afterwards. It is a table of its own, with its own results folder, so the sweep's
    results (``.results``: 4 rows of G_M = 2, what the analysis notebooks read) stay as they were.
 
-Rows are grouped by process count, so each table is two array jobs. Everything is submitted at the session's
-first test (tests/conftest.py); a background thread signals the drill and waits (bounded) until Slurm has none
-of the jobs; the first test that needs the results joins it and collects both tables with
-``launch/sweep.py collect``.
+Rows are grouped by process count, so each table is two array jobs. The fixture waits (bounded) until
+Slurm has none of the jobs, then collects both tables with ``launch/sweep.py collect``.
 
 Without Slurm (``study_sweep`` in tests/conftest.py) the equivalence table runs here instead, through
-``launch/sweep.py run`` in the background (``start_here``): the same table, the same results layout, so those
-tests never skip.
+``launch/sweep.py run`` (``run_here``): the same table, the same results layout, so those tests never skip.
 """
 
 from __future__ import annotations
@@ -31,21 +28,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from ghostsys.run.rundir import read_jsonl
 from ghostsys.study.sweep import make_row, row_argv, write_table
 from tests._slurm import ROOT, LocalSlurm
 
 # A bound for hangs, not a speed claim: the sweep alone was ~180 CPU-s of work (cpuacct, measured on a loaded
-# 2-core machine, 10 min wall there); the equivalence table's seven 20-step runs come on top, and the other
-# tests run meanwhile.
+# 2-core machine, 10 min wall there); the equivalence table's seven 20-step runs come on top.
 WAIT_S = 1800
 TINY = {"batch_size": 32, "max_steps": 3, "progress": False, "eval_every": 0}
 TWO_RANKS = {"mode": "unsynced", **TINY, "max_steps": 6}  # the drill: long enough to be signalled mid-way
@@ -180,75 +173,17 @@ def _collect(study: StudySweep) -> StudySweep:
     return study
 
 
-class Started:
-    """Work started in the background at the session's first test (tests/conftest.py); `result()` waits for it
-    and returns what `finish` makes of it, or raises what went wrong; `stop()` ends what is still running."""
-
-    def __init__(self, wait: Callable[[threading.Event], None], finish: Callable[[], Any],
-                 stop: Callable[[], None] = lambda: None) -> None:
-        self._finish, self._stop_work, self._error = finish, stop, None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._wait, args=(wait,), name="shared-sweep", daemon=True)
-        self._thread.start()
-
-    def _wait(self, wait: Callable[[threading.Event], None]) -> None:
-        try:
-            wait(self._stopping)
-        except BaseException as err:  # raised again by result(), in the test that needs the sweep
-            self._error = err
-
-    def result(self) -> Any:
-        """Wait (bounded by the work's own deadline), then finish in the calling thread."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._finish()
-
-    def stop(self) -> None:
-        """At the session's end: stop waiting, end what is still running (by its own ids, never by name)."""
-        self._stopping.set()
-        self._stop_work()
-        self._thread.join(timeout=30)
-
-
-def start_here(base: Path) -> Started:
-    """Without Slurm: the equivalence table through `launch/sweep.py run` (a subprocess, row after row, in the
-    background); `result()` collects it."""
+def run_here(base: Path) -> StudySweep:
+    """Without Slurm: the equivalence table through `launch/sweep.py run`, row after row; then collect."""
     study = _study(base, "local")
-    log = base / "sweep-run.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "sweep.py"), "run", str(study.table), "--results",
-                                 str(study.results), "--no-progress"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-
-    def wait(stopping: threading.Event) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while proc.poll() is None:
-            if stopping.is_set():
-                raise AssertionError("launch/sweep.py run was stopped at the session's end before it finished")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"launch/sweep.py run did not finish in {WAIT_S} s:\n{log.read_text()[-6000:]}")
-            time.sleep(0.5)
-        if proc.returncode != 0:
-            raise AssertionError(f"launch/sweep.py run exited {proc.returncode}:\n{log.read_text()[-6000:]}")
-
-    def stop() -> None:
-        if proc.poll() is None:  # the runner and everything below it (torchrun's ranks have sessions of their own)
-            import psutil
-
-            tree = [psutil.Process(proc.pid)]
-            tree += tree[0].children(recursive=True)
-            for p in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(tree, timeout=30)
-
-    return Started(wait, lambda: _collect(study), stop)
+    with _environ(OMP_NUM_THREADS="1"):
+        rc, out, err = sweep_cli("run", str(study.table), "--results", str(study.results), "--no-progress")
+    assert rc == 0, out + err
+    return _collect(study)
 
 
-def start_sweep(cluster: LocalSlurm, base: Path) -> Started:
-    """Submit the sweep, the equivalence table and the multi-node run now; in the background, signal the drill
-    mid-run and wait until Slurm has none of the jobs; `result()` collects (a SlurmSweep)."""
+def run_sweep(cluster: LocalSlurm, base: Path) -> SlurmSweep:
+    """Submit the sweep, the equivalence table and the multi-node run; signal the drill mid-run; wait; collect."""
     t0 = time.monotonic()
     sw = SlurmSweep(base=base, table=write_table(sweep_rows(), base / "sweep.csv"), results=base / "sweep",
                     multinode_out=base / "multinode" / "run", multinode_log=base / "multinode" / "slurm.out",
@@ -269,27 +204,21 @@ def start_sweep(cluster: LocalSlurm, base: Path) -> Started:
             f"--chdir={ROOT}", str(ROOT / "slurm" / "multinode.sh"), "torchrun", "launch/run.py",
             *row_argv(TWO_RANKS), "--out", str(sw.multinode_out)).stdout.strip()
     drill_dir = sw.results / drill_row()["row_id"]
-
-    def wait(stopping: threading.Event) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not stopping.is_set():
-            queued = cluster.queued()
-            if not any(j in queued for jobs in sw.jobs.values() for j in jobs.split(",")):
-                return
-            if not sw.signalled and len(read_jsonl(drill_dir / "metrics.jsonl")) >= DRILL_SIGNAL_AFTER:
-                starts = [a for a in read_jsonl(drill_dir / "attempts.jsonl") if a.get("event") == "start"]
-                sw.signalled = {"job": starts[-1]["slurm_job_id"], "after_steps": str(DRILL_SIGNAL_AFTER)}
-                cluster.run("scancel", "--signal=USR1", "--batch", sw.signalled["job"])  # the batch shell only
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the Slurm sweep did not finish in {WAIT_S} s (still queued: {sorted(queued)})"
-                                     f"\n{sw.logs()}\n{cluster.logs()}")
-            time.sleep(0.25)
-
-    def finish() -> SlurmSweep:
-        sw.collect_rc, out, err = sweep_cli("collect", str(sw.table), "--results", str(sw.results))
-        sw.collect_out = out + err
-        _collect(sw.study)
-        sw.wall_s = time.monotonic() - t0  # from submission to collection, whatever ran meanwhile
-        return sw
-
-    return Started(wait, finish)  # at the session's end slurm_cluster cancels whatever is left
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        queued = cluster.queued()
+        if not any(j in queued for jobs in sw.jobs.values() for j in jobs.split(",")):
+            break
+        if not sw.signalled and len(read_jsonl(drill_dir / "metrics.jsonl")) >= DRILL_SIGNAL_AFTER:
+            starts = [a for a in read_jsonl(drill_dir / "attempts.jsonl") if a.get("event") == "start"]
+            sw.signalled = {"job": starts[-1]["slurm_job_id"], "after_steps": str(DRILL_SIGNAL_AFTER)}
+            cluster.run("scancel", "--signal=USR1", "--batch", sw.signalled["job"])  # the batch shell only
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Slurm sweep did not finish in {WAIT_S} s (still queued: {sorted(queued)})\n"
+                                 f"{sw.logs()}\n{cluster.logs()}")
+        time.sleep(0.25)
+    sw.collect_rc, out, err = sweep_cli("collect", str(sw.table), "--results", str(sw.results))
+    sw.collect_out = out + err
+    _collect(sw.study)
+    sw.wall_s = time.monotonic() - t0
+    return sw

@@ -1,6 +1,11 @@
 """launch/run.py failing the way users meet it: NaN loss, another experiment in --out, a launch that
 started fewer processes than asked, a dead rank. The bad-input table (every flag's invalid values,
-in-process) is tests/test_bad_input.py."""
+in-process) is tests/test_bad_input.py.
+
+One-process runs call launch/run.py's main(argv) here, as tests/test_bad_input.py does: the exit code it
+returns is the one `python launch/run.py` exits with (its last line is sys.exit(main())), and what it prints
+is what the user reads; only the interpreter's start-up (seconds of imports) is left out. What needs a launcher
+(accelerate launch's quirk, a dead rank under torchrun) runs as a real launch."""
 
 from __future__ import annotations
 
@@ -10,28 +15,37 @@ import sys
 
 import pytest
 
+from launch.run import main
 from tests._launch import ROOT, run
 
 FAST = ["--batch-size", "32", "--max-steps", "3", "--no-progress"]
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    proc = run([*FAST, "--lr", "1e12", "--max-steps", "30", "--out", str(tmp_path / "r")], check=False)
-    assert proc.returncode == 1 and "lower --lr" in proc.stderr, proc.stderr[-2000:]
-    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == proc.stderr.strip().splitlines()[-1:]
-    assert "Traceback" not in proc.stderr
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """launch/run.py in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+    code, _, err = _main([*FAST, "--lr", "1e12", "--max-steps", "30", "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "lower --lr" in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == err.strip().splitlines()[-1:]
+    assert "Traceback" not in err
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_syncbn_on_one_process_warns(tmp_path):
-    proc = run([*FAST, "--mode", "syncbn", "--out", str(tmp_path / "r")])
-    assert "syncbn on one process is plain BatchNorm" in proc.stdout
+def test_syncbn_on_one_process_warns(tmp_path, capsys):
+    code, out, err = _main([*FAST, "--mode", "syncbn", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "syncbn on one process is plain BatchNorm" in out, err[-2000:]
 
 
-def test_other_experiment_in_the_same_directory_is_refused(tmp_path):
-    run([*FAST, "--out", str(tmp_path / "r")])
-    proc = run([*FAST, "--nfp", "2", "--out", str(tmp_path / "r")], check=False)
-    assert proc.returncode == 2 and "different configuration" in proc.stderr and "nfp" in proc.stderr
+def test_other_experiment_in_the_same_directory_is_refused(tmp_path, capsys):
+    assert _main([*FAST, "--out", str(tmp_path / "r")], capsys)[0] == 0
+    code, _, err = _main([*FAST, "--nfp", "2", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "different configuration" in err and "nfp" in err
 
 
 def test_plain_accelerate_cpu_launch_with_two_processes_is_refused(tmp_path):

@@ -157,6 +157,30 @@ def test_local_run_resumes_skips_complete_rows_and_collect_names_failed_and_miss
     assert df.loc[0, "run_dir"] == str(results / ok["row_id"]) and df.loc[2, "table.nfp"] == 2
 
 
+# A launcher's report of a stopped rank as torchrun writes it: rank 0's message, then many small writes.
+STOPPED_THEN_CHATTY = """
+import sys, time
+print("stopped: stopped on SIGUSR1 at step 3 with a checkpoint in /x/checkpoints; the same command resumes", flush=True)
+for i in range(200):
+    print(f"  traceback line {i}", file=sys.stderr, flush=True)
+    time.sleep(0.003)  # each line its own read on the other side, as a launcher's report arrives
+sys.exit(1)  # what torchrun exits with when a rank exits 75
+"""
+
+
+def test_a_stop_is_recognized_however_many_writes_follow_its_message(tmp_path):
+    """The stop message must survive in the kept tail of the output even when hundreds of writes follow it
+    (seen: torchrun's failure report after a rank's stop, then the task counted as failed, not preempted)."""
+    from ghostsys.run.preempt import EXIT_PREEMPTED
+    from ghostsys.study.runner import run_row, row_state
+
+    script = _raw(tmp_path / "stops.py", STOPPED_THEN_CHATTY)
+    row = make_row({}, name="stops", script=str(script))
+    with open(tmp_path / "log", "wb") as sink:
+        assert run_row(row, tmp_path / "res", sink) == EXIT_PREEMPTED
+    assert row_state(tmp_path / "res", row)["state"] == "preempted"
+
+
 def test_a_row_runs_the_same_from_any_working_directory(tmp_path):
     from ghostsys.study.sweep import row_command
 

@@ -7,7 +7,6 @@ import dataclasses
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from ghostsys.run import dist
 from ghostsys.run.config import ConfigError, RunConfig, field_docs
 
 # Filled in from the launcher, never typed by the user.
@@ -81,5 +80,7 @@ def guarded(fn: Callable[[], object]) -> int:
 
 def _say(err: Exception) -> None:
     # Every rank meets the same error (see train.agreed); one line from rank 0 is the whole message.
+    from ghostsys.run import dist  # imported here: parsing and checking flags never needs torch (sweep rows)
+
     if dist.launched_rank() == 0:
         print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)

@@ -47,7 +47,7 @@ def launcher_command(launcher: str, nprocs: int, script: str, *, port: int | Non
     launcher setting that contradicts its own --mixed-precision); other launchers have no such setting.
     Raises ValueError naming the fix for an unknown launcher or one process too many for `python`.
     """
-    if cpu is None:
+    if cpu is None and launcher == "accelerate":  # only accelerate launch is told; torch is a slow import
         import torch
 
         cpu = not torch.cuda.is_available()

@@ -13,7 +13,6 @@ scripts other than launch/run.py need not write a summary), ``failed`` (the last
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import socket
@@ -32,6 +31,9 @@ ATTEMPTS = "attempts.jsonl"
 # A rendezvous port picked free can be taken before the launcher binds it (another launch on the node):
 # a launch that fails with one of these is retried once on a new port. A real bug fails twice.
 PORT_CLASH = ("Address already in use", "EADDRINUSE", "DistNetworkError", "address in use")
+# How much of a launch's output is kept to read its stop message and port clashes: torchrun reports a stopped rank
+# after rank 0's message in dozens of small writes (a few KB), so the tail is counted in bytes, not writes.
+TAIL_BYTES = 65536
 _SLURM_VARS = {"slurm_job_id": "SLURM_JOB_ID", "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
                "slurm_array_task_id": "SLURM_ARRAY_TASK_ID", "slurm_restart_count": "SLURM_RESTART_COUNT",
                "log": "GHOSTSYS_LOG"}
@@ -83,20 +85,21 @@ def _spawn(cmd: list[str], env: Mapping[str, str], sink: BinaryIO) -> tuple[int,
 
     On Ctrl-C the child (same terminal process group) gets SIGINT too: wait for it, then re-raise.
     """
-    tail: collections.deque[bytes] = collections.deque(maxlen=64)
+    tail = bytearray()  # the last TAIL_BYTES bytes, however many writes they came in
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     try:
         while chunk := os.read(proc.stdout.fileno(), 65536):
             sink.write(chunk)
             sink.flush()
-            tail.append(chunk)
+            tail += chunk
+            del tail[:-TAIL_BYTES]
     except KeyboardInterrupt:
         proc.wait()
         raise
     finally:
         proc.stdout.close()
-    return proc.wait(), b"".join(tail)[-16384:]
+    return proc.wait(), bytes(tail)
 
 
 def run_row(row: Mapping[str, Any], results: str | Path, sink: BinaryIO | None = None) -> int:

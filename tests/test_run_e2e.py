@@ -7,6 +7,7 @@ samples in the same ghost groups at every step and so reach the same losses.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -21,17 +22,19 @@ import torch
 from tests._launch import ROOT, launcher_cmd, metrics, run, summary
 
 pytestmark = pytest.mark.dist
+# The first test to ask for `curves` waits for the session's Slurm sweep (tests/_slurm_sweep.py, bounded by WAIT_S).
+SHARED_SWEEP = pytest.mark.timeout(2400)
 
-# float64, 20 steps, M=64: the ghost groups are identical by construction, so runs differ only in the
-# order of floating-point sums (per-group reductions, DDP's gradient all-reduce, 1/n_fp scaling
-# before vs after summing). In float64 that is ~1e-16 relative per operation; 20 SGD steps with
-# momentum amplify it by at most a few orders of magnitude (observed ~1e-14). 1e-9 leaves headroom
-# while staying ~7 orders of magnitude below the negative control's difference (~1e-2).
+# float64, 20 steps, M=64 (tests/_slurm_sweep.py: EQUIVALENCE_FLAGS; checked below): the ghost groups are
+# identical by construction, so runs differ only in the order of floating-point sums (per-group reductions,
+# DDP's gradient all-reduce, 1/n_fp scaling before vs after summing). In float64 that is ~1e-16 relative per
+# operation; 20 SGD steps with momentum amplify it by at most a few orders of magnitude (observed ~1e-14).
+# 1e-9 leaves headroom while staying ~7 orders of magnitude below the negative control's difference (~1e-2).
 LOSS_RTOL = 1e-9
 # float32 (DeepSpeed): unit roundoff 6e-8; per-step reductions differ in order (DeepSpeed's bucketed
 # all-reduce vs one process), and 20 momentum-SGD steps amplify it; measured F32_MEASURED below.
 F32_LOSS_RTOL = 1e-4
-COMMON = ["--batch-size", "64", "--max-steps", "20", "--dtype", "float64", "--no-progress", "--eval-every", "0"]
+STEPS = 20
 
 
 def _curve(run_dir: Path) -> torch.Tensor:
@@ -39,45 +42,27 @@ def _curve(run_dir: Path) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def curves(tmp_path_factory) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Train every mechanism of G_M = 4 once (and BatchNorm G_M = 1 as the control)."""
-    base = tmp_path_factory.mktemp("same")
-    runs = {
-        # name: (launcher, nprocs, args)
-        "layer G4 (python, 1 proc)": ("python", 1, ["--mode", "layer", "--ghost-groups", "4"]),
-        "accumulate nfp4 (accelerate launch, 1 proc)": ("accelerate1", 1, ["--mode", "accumulate", "--nfp", "4"]),
-        "unsynced 2 x nfp2 (accelerate launch, 2 procs)": ("accelerate", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2"]),
-        # DeepSpeed trains float32 only: it is compared with the float32 layer run below.
-        "f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)": ("deepspeed", 2, ["--mode", "unsynced", "--nfp", "2", "--nprocs", "2",
-                                                                                 "--engine", "deepspeed", "--zero-stage", "1",
-                                                                                 "--dtype", "float32"]),
-        "f32 layer G4 (python, 1 proc)": ("python", 1, ["--mode", "layer", "--ghost-groups", "4", "--dtype", "float32"]),
-        # SyncBN over both ranks is full BatchNorm (G_M = 1): it must equal the one-process control. (SyncBN
-        # with n_fp > 1 merges micro-batch i of each rank, a non-contiguous partition: the checker covers it.)
-        "syncbn k2 (torchrun, 2 procs)": ("torchrun", 2, ["--mode", "syncbn", "--nprocs", "2"]),
-        "control: BatchNorm G_M=1": ("python", 1, ["--mode", "accumulate", "--nfp", "1"]),
-    }
+def curves(study_sweep) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Every mechanism of G_M = 4 trained once (and BatchNorm G_M = 1 as the control): the rows of the session's
+    equivalence table (tests/conftest.py: through the real Slurm where it is here, else launch/sweep.py run)."""
+    assert study_sweep.collect_rc == 0, study_sweep.collect_out  # collect names any failed or missing row
     out = {}
-    for i, (name, (launcher, n, args)) in enumerate(runs.items()):
-        d = base / f"run{i}"
-        if launcher == "accelerate1":  # the users' one-process command: plain `accelerate launch`
-            proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
-                                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
-                                   str(ROOT / "launch/run.py"), *COMMON, *args, "--out", str(d)],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-            assert proc.returncode == 0, proc.stderr[-4000:]
-        else:
-            run([*COMMON, *args, "--out", str(d)], launcher=launcher, nprocs=n)
-        out[name] = (_curve(d), summary(d))
-    out["_base"] = base
+    for name, row in study_sweep.rows.items():
+        d = study_sweep.run_dir(name)
+        s = summary(d)
+        # the row ran as written: its launcher started nprocs processes, in its dtype, for every step
+        assert s["world_size"] == int(row["nprocs"]) and s["steps"] == STEPS, (name, s)
+        assert json.loads((d / "config.json").read_text())["dtype"] == row["dtype"], name
+        out[name] = (_curve(d), s)
+    out["_base"] = study_sweep.results
     return out
 
 
+@SHARED_SWEEP
 def test_every_mechanism_of_gm4_is_the_same_experiment(curves):
     ref_name = "layer G4 (python, 1 proc)"
     ref, ref_summary = curves[ref_name]
-    assert len(ref) == 20 and ref_summary["effective_gm"] == 4
+    assert len(ref) == STEPS and ref_summary["effective_gm"] == 4
     for name, val in curves.items():
         if name.startswith(("control", "_", "f32", "syncbn")):
             continue
@@ -86,6 +71,7 @@ def test_every_mechanism_of_gm4_is_the_same_experiment(curves):
         torch.testing.assert_close(curve, ref, rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{name} vs {ref_name}: {m}")
 
 
+@SHARED_SWEEP
 def test_deepspeed_float32_matches_the_layer_in_float32(curves):
     ds, summ = curves["f32 unsynced 2 x nfp2 deepspeed (deepspeed, 2 procs)"]
     layer, _ = curves["f32 layer G4 (python, 1 proc)"]
@@ -95,6 +81,7 @@ def test_deepspeed_float32_matches_the_layer_in_float32(curves):
     assert ((control - layer).abs().max() / layer.abs().max()).item() > 10 * F32_LOSS_RTOL
 
 
+@SHARED_SWEEP
 def test_syncbn_over_two_ranks_is_batchnorm_on_one(curves):
     sync, summ = curves["syncbn k2 (torchrun, 2 procs)"]
     bn, _ = curves["control: BatchNorm G_M=1"]
@@ -102,6 +89,7 @@ def test_syncbn_over_two_ranks_is_batchnorm_on_one(curves):
     torch.testing.assert_close(sync, bn, rtol=LOSS_RTOL, atol=0)
 
 
+@SHARED_SWEEP
 def test_negative_control_batchnorm_differs(curves):
     ref, _ = curves["layer G4 (python, 1 proc)"]
     control, summ = curves["control: BatchNorm G_M=1"]
@@ -111,6 +99,7 @@ def test_negative_control_batchnorm_differs(curves):
     assert rel > 1e4 * LOSS_RTOL, rel
 
 
+@SHARED_SWEEP
 def test_summary_records_factorization_and_loads_into_one_dataframe(curves, tmp_path):
     from ghostsys.study.results import load
 
@@ -119,7 +108,7 @@ def test_summary_records_factorization_and_loads_into_one_dataframe(curves, tmp_
     assert summ["factorization"] == "G_M=4 = n_g 2 x n_fp 2 x G_layer 1"
     for key in ("final_train_loss", "eval_loss", "eval_acc", "steps", "samples_per_s", "eval_buffers"):
         assert key in summ, key
-    df = load([curves["_base"]])  # the parent of all six run directories
+    df = load([curves["_base"]])  # the parent of all seven run directories
     assert len(df) == 7 and set(df["effective_gm"]) == {1, 4}
     assert (df["status"] == "complete").all()
 
@@ -137,6 +126,9 @@ def test_default_job_learns_above_chance(tmp_path):
     assert "torch" in json.dumps(env)
     again = run(["--mode", "accumulate", "--nfp", "8", "--no-progress", "--out", str(d)])  # the same command again
     assert "already complete" in again.stdout and summary(d) == s
+
+
+KILL9_STEPS = 30
 
 
 def _kill_tree(pid: int) -> None:
@@ -179,16 +171,21 @@ def test_resume_after_kill9_ends_with_the_same_results(tmp_path, launcher, nproc
     scheduler and RNG). Two processes: also bit-identical here (gloo all-reduce of two ranks is
     deterministic), asserted at the same strictness.
     """
-    # ResNet-56 makes a step slow enough (~0.1-0.3 s on CPU) that the kill always lands mid-run.
-    args = ["--model", "resnet56", "--batch-size", "32", "--max-steps", "60", "--checkpoint-every", "10", "--no-progress",
-            "--norm", "noisy", "--noise-std", "0.01", "--eval-every", "30"] + (["--nprocs", "2", "--mode", "unsynced"] if nprocs > 1 else [])
+    # ResNet-56 makes a step slow enough (~0.1-0.3 s on CPU) that the kill always lands mid-run: after the
+    # checkpoints at steps 5 and 10, before the first evaluation, so the resume replays the steps since step 10.
+    args = ["--model", "resnet56", "--batch-size", "32", "--max-steps", str(KILL9_STEPS), "--checkpoint-every", "5",
+            "--no-progress", "--norm", "noisy", "--noise-std", "0.01", "--eval-every", "15"]
+    args += ["--nprocs", "2", "--mode", "unsynced"] if nprocs > 1 else []
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run([*args, "--out", str(straight)], launcher=launcher, nprocs=nprocs)
-    cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / "launch/run.py"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    had = _kill_when(cmd + args + ["--out", str(resumed)], env, resumed / "metrics.jsonl", lines=25)
-    assert not (resumed / "summary.json").exists() and had < 60
-    proc = run([*args, "--out", str(resumed)], launcher=launcher, nprocs=nprocs)
+    # The uninterrupted reference trains meanwhile (its own processes: nothing is shared with the killed run).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(run, [*args, "--out", str(straight)], launcher=launcher, nprocs=nprocs)
+        cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / "launch/run.py"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+        had = _kill_when(cmd + args + ["--out", str(resumed)], env, resumed / "metrics.jsonl", lines=13)
+        assert not (resumed / "summary.json").exists() and had < KILL9_STEPS
+        proc = run([*args, "--out", str(resumed)], launcher=launcher, nprocs=nprocs)
+        reference.result()
     assert "resuming from the checkpoint at step" in proc.stdout
     keys = ("step", "train_loss", "train_acc", "lr", "eval_loss", "eval_acc")
     a = [{k: m[k] for k in keys if k in m} for m in metrics(straight)]

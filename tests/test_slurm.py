@@ -1,5 +1,6 @@
 """Against a REAL Slurm (issue 13): an array sweep, a preempted task that requeues and resumes, the multi-node
-template under srun, and collect. One session-scoped sweep feeds them all (tests/_slurm_sweep.py)."""
+template under srun, and collect. One session-scoped sweep feeds them all (tests/_slurm_sweep.py), and with it
+the equivalence table whose runs tests/test_run_e2e.py compares."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ghostsys.study.sweep import make_row, read_table, write_table
 from tests._slurm_sweep import drill_row, sweep_cli
 
 # The first test also pays for the session's sweep (tests/_slurm_sweep.py, bounded by its WAIT_S).
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(2400)]
 
 SUMMARY_NUMBERS = ("final_train_loss", "final_train_acc", "eval_loss", "eval_acc", "steps", "effective_gm")
 METRIC_KEYS = ("step", "train_loss", "train_acc", "lr", "eval_loss", "eval_acc")
@@ -53,6 +54,22 @@ def test_every_row_of_the_array_sweep_completes_and_is_collected(slurm_sweep):
         if r["row_id"] != drill_row()["row_id"]:  # only the signalled task was requeued
             assert [a["event"] for a in attempts] == ["start", "end"] and "slurm_restart_count" not in attempts[0]
         assert r["row_id"] in sw.collect_out  # the printed table names every row
+
+
+def test_the_equivalence_table_submitted_beside_it_completes_every_row_as_its_array_task(slurm_sweep):
+    study = slurm_sweep.study
+    assert study.via == "slurm" and study.collect_rc == 0, study.collect_out + slurm_sweep.logs()
+    rows = read_table(study.table)
+    df = pd.read_csv(study.csv)
+    assert list(df["row_id"]) == [r["row_id"] for r in rows] and (df["state"] == "complete").all()
+    assert (df["world_size"] == df["table.nprocs"]).all() and (df["steps"] == df["table.max_steps"]).all()
+    arrays = slurm_sweep.jobs["equivalence"].split(",")
+    assert len(arrays) == 2 and not set(arrays) & set(slurm_sweep.jobs["sweep"].split(","))
+    for i, r in enumerate(rows):
+        attempts = read_jsonl(study.results / r["row_id"] / "attempts.jsonl")
+        assert [a["event"] for a in attempts] == ["start", "end"] and attempts[-1]["exit_code"] == 0
+        assert attempts[0]["slurm_array_job_id"] == arrays[int(r["nprocs"]) - 1]
+        assert attempts[0]["slurm_array_task_id"] == str(i)
 
 
 def test_a_signalled_task_checkpoints_requeues_itself_and_resumes_to_the_uninterrupted_result(slurm_sweep):

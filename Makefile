@@ -36,7 +36,7 @@ check: setup
 profile: setup
 	$(BIN)/python launch/profile.py --modes unsynced,syncbn --world-sizes 1,2 --steps 12 --out runs/profile
 
-# The short real CPU sweep behind the notebooks, then every notebook executed against it (~8 min on 2 cores):
+# The short real CPU sweep behind the notebooks, then every notebook executed against it (8 min on a busy 2-core machine):
 # executed notebooks in runs/analysis/notebooks/, figures (PNG + the rows behind each, CSV) in runs/analysis/figures/.
 analysis: setup
 	MPLBACKEND=Agg $(BIN)/python launch/analysis.py --out runs/analysis

@@ -82,12 +82,13 @@ def stats_policy(r: dict[str, Any]) -> str:
 
 
 def variant(r: dict[str, Any]) -> str:
-    """A short label of how a run was factorized: mode, engine, n_g x n_fp x G_layer, policy."""
+    """A short label of how a run was factorized: mode, engine, n_g x n_fp x G_layer, policy (and dtype if not float32)."""
     eng = "" if r.get("engine", "accelerate") == "accelerate" else f" {r['engine']}"
     pol = {"layer": f", stats {r.get('stats_policy', 'mean')}"}.get(r.get("mode"), "")
     if r.get("buffer_sync") == "allreduce":
         pol += ", allreduce"
-    return f"{r.get('mode')}{eng}: {_i(r, 'world_size')}x{_i(r, 'nfp')}x{_i(r, 'ghost_groups')}{pol}"
+    dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
+    return f"{r.get('mode')}{eng}: {_i(r, 'world_size')}x{_i(r, 'nfp')}x{_i(r, 'ghost_groups')}{pol}{dtype}"
 
 
 def norm_family(norm: str) -> str:

@@ -1,4 +1,4 @@
-"""The ghost batch-norm kernels added for speed ("rows", "cols", "chunks") against the same independent
+"""The ghost batch-norm kernels added for speed ("rows", "cols", "chunks", "fused") against the same independent
 references as tests/test_norms.py: the papers' Figure 2 / A1 function, hand-computed running
 statistics and nn.BatchNorm over chunks.
 
@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghostsys.nn import _ghost_kernels, _ghost_moments
+from ghostsys.nn import _ghost_kernels, _ghost_moments, fused
 from ghostsys.nn.norms import GhostBatchNorm, SeqNorm
 from tests.test_norms import EXACT, TOL, affine, make_input, randomize, ref_ghost_norm, ref_group_moments
 
-NEW = ("rows", "cols", "chunks")
+NEW = ("rows", "cols", "chunks", "fused")
+COLUMN = ("cols", "fused")  # the kernels that read (M, C) / channels_last memory natively
 # The layouts each kernel reads natively; anything else is first made dense in one of them.
 SHAPES = {
     "rows": [((12, 3, 5), "contiguous"), ((8, 4, 3, 2), "contiguous"), ((8, 4, 3, 2), "noncontiguous"),
@@ -31,6 +32,10 @@ SHAPES = {
     "chunks": [((12, 5), "contiguous"), ((8, 4, 3, 2), "contiguous"), ((8, 4, 3, 2), "channels_last"),
                ((8, 3, 2, 2, 3), "channels_last_3d")],
 }
+# The fused kernel takes what cols takes, and channel counts around its tile width (16 floats / 8 doubles) and
+# groups longer than its tile-row limit (32 rows), where it switches to whole-row passes with blocked sums.
+SHAPES["fused"] = SHAPES["cols"] + [((8, 37), "contiguous"), ((8, 16), "contiguous"), ((264, 19), "contiguous"),
+                                    ((8, 21, 5, 3), "channels_last")]
 CASES = [(impl, shape, fmt) for impl, cases in SHAPES.items() for shape, fmt in cases]
 pytestmark = pytest.mark.filterwarnings("ignore:.*ghost batches of")  # tiny ghost batches are fine for numerics
 
@@ -75,7 +80,9 @@ def test_matches_figure2_outputs_and_grads(impl, shape, fmt, dtype):
 
 @pytest.mark.parametrize("impl,shape,fmt", [("rows", (8, 3, 2, 2), "contiguous"), ("rows", (8, 2, 3), "contiguous"),
                                             ("cols", (8, 3), "contiguous"), ("cols", (8, 3, 2, 2), "channels_last"),
-                                            ("chunks", (8, 3, 2, 2), "channels_last")])
+                                            ("chunks", (8, 3, 2, 2), "channels_last"), ("fused", (8, 3), "contiguous"),
+                                            ("fused", (8, 3, 2, 2), "channels_last"),
+                                            ("fused", (136, 3), "contiguous")])
 def test_gradcheck_float64(impl, shape, fmt):
     gen = torch.Generator().manual_seed(1)
     x = make_input(shape, fmt, torch.float64, gen).requires_grad_()
@@ -98,7 +105,8 @@ def test_rows_in_chunks(monkeypatch):
                                     (x,))
 
 
-@pytest.mark.parametrize("impl,fmt", [("rows", "contiguous"), ("cols", "channels_last"), ("chunks", "contiguous")])
+@pytest.mark.parametrize("impl,fmt", [("rows", "contiguous"), ("cols", "channels_last"), ("chunks", "contiguous"),
+                                      ("fused", "channels_last"), ("fused", "contiguous")])
 def test_output_takes_inplace_ops(impl, fmt):
     # An in-place ReLU right after the norm (every model here does it) needs an output that is not a
     # view made inside the kernel; the gradient must still be right.
@@ -116,7 +124,7 @@ def test_output_takes_inplace_ops(impl, fmt):
 def test_mean_policy_running_stats(impl, momentum):
     gen = torch.Generator().manual_seed(4)
     groups = 4
-    fmt = "channels_last" if impl == "cols" else "contiguous"
+    fmt = "channels_last" if impl in COLUMN else "contiguous"
     gbn = randomize(GhostBatchNorm(3, ghost_groups=groups, momentum=momentum, impl=impl), gen)
     rm, rv = gbn.running_mean.double().clone(), gbn.running_var.double().clone()
     n0 = int(gbn.num_batches_tracked)
@@ -141,7 +149,7 @@ def test_mean_policy_running_stats(impl, momentum):
 def test_sequential_policy_is_batchnorm_over_chunks(impl, momentum):
     gen = torch.Generator().manual_seed(5)
     groups = 4
-    fmt = "channels_last" if impl == "cols" else "contiguous"
+    fmt = "channels_last" if impl in COLUMN else "contiguous"
     bn = randomize(nn.BatchNorm2d(3, momentum=momentum), gen)
     gbn = GhostBatchNorm(3, ghost_groups=groups, momentum=momentum, stats_policy="sequential", impl=impl)
     gbn.load_state_dict(bn.state_dict())
@@ -192,7 +200,7 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
     base = drift(lambda x: torch.cat([bn(c) for c in x.chunk(groups)]), torch.contiguous_format)
     assert base[0] > 0 and base[1] > 0  # float32 really does drift here: the comparison means something
     for impl, fmt in (("rows", torch.contiguous_format), ("cols", torch.channels_last),
-                      ("chunks", torch.contiguous_format)):
+                      ("chunks", torch.contiguous_format), ("fused", torch.channels_last)):
         got = drift(lambda x: _ghost_kernels.ghost_batch_norm(x, groups, None, None, 1e-5, None, impl), fmt)
         assert got[0] <= 8 * base[0] and got[1] <= 8 * base[1], (impl, got, base)
     # Negative control: the naive one-pass variance E[x^2] - E[x]^2 in float32 breaks the bound.
@@ -206,12 +214,12 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
 @pytest.mark.parametrize("x,policy,want", [
     (torch.zeros(8, 4, 3, 3), "mean", "rows"),
     (torch.zeros(8, 4, 5), "mean", "rows"),
-    (torch.zeros(8, 4), "mean", "cols"),
-    (torch.zeros(8, 4, 1, 1), "mean", "cols"),
-    (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "mean", "cols"),
+    (torch.zeros(8, 4), "mean", "fused"),
+    (torch.zeros(8, 4, 1, 1), "mean", "fused"),
+    (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "mean", "fused"),
     (torch.zeros(8, 4, 3, 3), "sequential", "chunks"),
-    (torch.zeros(256, 512), "mean", "chunks"),  # ghost groups of more than 16384 values
-    (torch.zeros(128, 64, 16, 16).contiguous(memory_format=torch.channels_last), "mean", "loop"),
+    (torch.zeros(256, 512), "mean", "fused"),
+    (torch.zeros(128, 64, 16, 16).contiguous(memory_format=torch.channels_last), "mean", "fused"),
     (torch.zeros(8, 4, 3, 3, dtype=torch.bfloat16), "mean", "vectorized"),
 ])
 def test_auto_dispatch(x, policy, want):
@@ -219,9 +227,43 @@ def test_auto_dispatch(x, policy, want):
     assert _ghost_kernels.choose_impl(x, 2, stats) == want
 
 
+# Without the fused kernel (no compiler), "auto" goes back to the ATen kernels chosen as before it existed.
+@pytest.mark.parametrize("x,want", [
+    (torch.zeros(8, 4), "cols"),
+    (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "cols"),
+    (torch.zeros(256, 512), "chunks"),  # ghost groups of more than 16384 values
+    (torch.zeros(128, 64, 16, 16).contiguous(memory_format=torch.channels_last), "loop"),
+])
+def test_auto_dispatch_without_the_fused_kernel(x, want, monkeypatch):
+    monkeypatch.setattr(fused, "_state", {"ok": False, "error": "no compiler"})
+    assert _ghost_kernels.choose_impl(x, 2, None) == want
+
+
+def test_auto_keeps_off_fused_for_what_it_does_not_take():
+    x = torch.zeros(8, 4)
+    w64 = torch.ones(4, dtype=torch.float64)
+    assert _ghost_kernels.choose_impl(x, 2, None, weight=w64) == "cols"  # a float64 weight on a float32 input
+    strided = torch.ones(8)[::2]
+    assert _ghost_kernels.choose_impl(x, 2, None, bias=strided) == "cols"
+    with pytest.raises(ValueError, match="impl='fused' needs"):
+        _ghost_kernels.ghost_batch_norm(x, 2, w64, None, 1e-5, None, "fused")
+
+
+def test_fused_is_differentiable_once_and_says_so():
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = _ghost_kernels.ghost_batch_norm(x, 2, None, None, 1e-5, None, "fused")
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    # Negative control: the twice-differentiable kernel gives a second derivative.
+    yv = _ghost_kernels.ghost_batch_norm(x, 2, None, None, 1e-5, None, "vectorized")
+    gx, = torch.autograd.grad((yv ** 3).sum(), x, create_graph=True)
+    assert gx.requires_grad
+
+
 def test_seqnorm_on_new_paths_matches_reference():
     gen = torch.Generator().manual_seed(7)
-    for impl, fmt in (("rows", "contiguous"), ("cols", "channels_last"), ("chunks", "contiguous")):
+    for impl, fmt in (("rows", "contiguous"), ("cols", "channels_last"), ("chunks", "contiguous"),
+                      ("fused", "channels_last")):
         layer = randomize(SeqNorm(6, channel_groups=3, ghost_groups=2, impl=impl, dtype=torch.float64), gen)
         x = make_input((8, 6, 3, 3), fmt, torch.float64, gen)
         want = affine(ref_ghost_norm(F.group_norm(x, 3, eps=1e-5), 2), layer.weight, layer.bias)

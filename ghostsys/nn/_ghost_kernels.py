@@ -1,7 +1,12 @@
 """Training-mode ghost batch normalization kernels behind ``ghostsys.nn.norms`` (private).
 
-Five interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
+Six interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
 own statistics, then apply one per-channel affine"; ``choose_impl`` is what ``impl="auto"`` runs.
+
+* ``fused`` (``ghostsys.nn.fused``, CPU float32/float64): (M, C) and channels_last memory in ONE
+  compiled call each way (C++, built once per machine), the running-statistics step included.
+  ``cols`` below is the same arithmetic as ~25 ATen ops, and at SimpleNet's sizes their dispatch
+  (~5-10 us each), not the arithmetic, was the gap to nn.BatchNorm.
 
 * ``rows`` and ``cols`` (``_ghost_moments``): every group's moments from a fixed number of
   whole-tensor ATen passes, closed-form backward from per-(group, channel) sums. ``rows`` reads
@@ -35,6 +40,10 @@ ghostsys.bench`` reproduces the table):
   WRN-28-10 shapes, 0.66-0.88x on ResNet-56's (128, 16..64, ...) where the chunk loop is
   1.1-1.6x and the loop 0.9-1.8x. ATen's NCHW batch-norm statistics loop is scalar (double
   accumulation), which is why a few vectorized passes beat it.
+* (M, C) and channels_last -> ``fused`` (measured on a quiet machine, one thread, thread clock:
+  SimpleNet's (256, 300) / (256, 512) 0.84-1.13x BatchNorm for G = 2..64 where ``cols`` was
+  1.8-2.6x; channels_last ResNet-56 / WRN-28-10 shapes 0.43-1.05x where the loop / cols were
+  0.5-1.4x). Where it cannot be built, the ATen kernels as before:
 * (M, C) and channels_last, ghost groups of <= 16384 values -> ``cols``; larger groups -> a native
   kernel per group, ``chunks`` for (M, C) (SimpleNet G=2: 1.2-1.5x where cols is 1.9-2.5x) and
   ``loop`` for channels_last (1.1-1.3x on the WRN shapes where cols is 1.9-2.4x; its out= writes
@@ -64,10 +73,11 @@ from torch.autograd.function import once_differentiable
 from ghostsys.nn._ghost_common import (Average, Collect, Sequential, Stats, apply_plan, as_sequential, like,
                                        memory_format_of, row_moments, spatial)
 from ghostsys.nn._ghost_moments import ColsGhostBN, RowsGhostBN
+from ghostsys.nn import fused
 
 __all__ = ["Sequential", "Collect", "Average", "ghost_batch_norm", "memory_format_of", "IMPLS", "choose_impl"]
 
-IMPLS = ("auto", "loop", "chunks", "vectorized", "rows", "cols")
+IMPLS = ("auto", "loop", "chunks", "vectorized", "rows", "cols", "fused")
 _aten = torch.ops.aten
 # Switches between equivalent strategies of the loop implementation (module constants so tests
 # can force each path on small shapes; see the module docstring for the measurements behind them).
@@ -229,13 +239,21 @@ def _chunks(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, 
                       for xg, (rm, rv, f) in zip(x.chunk(groups), plan)])
 
 
+def _cols_dense(x: Tensor) -> Tensor:
+    """x dense in the layout the column kernels read: (M, C) rows, channels_last(_3d) for images."""
+    if x.dim() > 2 and spatial(x) > 1:
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x.contiguous()
+
+
 def _loop_row_moments(x: Tensor, impl: str) -> bool:
     """Whether the loop's forward takes per-(sample, channel) row moments here (NCHW, long rows)."""
     return (impl == "loop" and x.dim() > 2 and memory_format_of(x) == torch.contiguous_format
             and spatial(x) >= _ROW_MOMENTS_MIN_SPATIAL)
 
 
-def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
+def choose_impl(x: Tensor, groups: int, stats: Stats, weight: Tensor | None = None,
+                bias: Tensor | None = None) -> str:
     """The kernel "auto" runs for this input (see the module docstring for the measurements)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return "vectorized"
@@ -243,6 +261,8 @@ def choose_impl(x: Tensor, groups: int, stats: Stats) -> str:
         return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit
     if x.dim() > 2 and spatial(x) > 1 and memory_format_of(x) == torch.contiguous_format:
         return "rows"
+    if fused.supports(x, weight, bias, stats) and fused.available():
+        return "fused"
     if x.numel() // groups <= _COLS_MAX_GROUP_NUMEL:
         return "cols"
     return "chunks" if x.dim() == 2 or spatial(x) == 1 else "loop"
@@ -252,7 +272,9 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
                      stats: Stats = None, impl: str = "auto") -> Tensor:
     """Training-mode batch norm over each of `groups` contiguous batch blocks, then the affine."""
     if impl == "auto":
-        impl = choose_impl(x, groups, stats)
+        impl = choose_impl(x, groups, stats, weight, bias)
+        if impl == "fused":  # choose_impl checked it all: the shortest path (this runs every training forward)
+            return fused.ghost_cols(_cols_dense(x), groups, weight, bias, eps, stats)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if isinstance(stats, Average) and impl in ("loop", "chunks", "vectorized"):
@@ -274,14 +296,18 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
         if x.dim() < 3:
             raise ValueError("impl='rows' needs an (M, C, *spatial) input; use 'cols' for (M, C)")
         return RowsGhostBN.apply(x.contiguous(), weight, bias, groups, eps, stats)
-    if impl == "cols":
+    if impl in ("cols", "fused"):
         if x.dim() == 3 and x.shape[2] > 1:
-            raise ValueError("impl='cols' needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
-        if x.dim() > 2 and spatial(x) > 1:
-            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-        else:
-            x = x.contiguous()
-        return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
+            raise ValueError(f"impl={impl!r} needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
+        x = _cols_dense(x)
+        if impl == "cols":
+            return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
+        if not fused.supports(x, weight, bias, stats):
+            raise ValueError("impl='fused' needs a CPU float32/float64 input with parameters and running buffers "
+                             "of the same dtype; use impl='auto'")
+        if not fused.available():
+            raise RuntimeError(f"impl='fused': the kernel could not be built ({fused.build_error()}); use impl='auto'")
+        return fused.ghost_cols(x, groups, weight, bias, eps, stats)
     if not x.is_contiguous(memory_format=fmt):
         x = x.contiguous()  # an arbitrary strided view: give the kernel dense groups
     return _LoopGhostBN.apply(x, weight, bias, groups, eps, stats)

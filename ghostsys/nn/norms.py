@@ -75,14 +75,16 @@ class GhostBatchNorm(_NormBase):
 
     ``momentum=None`` is the cumulative moving average (factor 1/num_batches_tracked, counted per
     group under ``"sequential"``). ``impl`` picks the training kernel (``ghostsys.nn._ghost_kernels``
-    documents each and the measurements behind ``"auto"``): ``"rows"`` (NCHW-like inputs) and
-    ``"cols"`` ((M, C) and channels_last) take all groups' moments in a few whole-tensor passes;
-    ``"loop"`` (a native kernel per group; CPU float32/float64) and ``"chunks"`` (BatchNorm on each
-    chunk, then a cat) run ATen's batch norm per group; these four give first-order gradients only.
-    ``"vectorized"`` (one BatchNorm call over all groups via two copies) is twice differentiable.
-    ``"auto"`` picks by measurement on CPU float32/float64 and takes ``"vectorized"`` elsewhere (so
-    on CUDA); with the sequential policy it takes the loop, whose buffer updates are BatchNorm's bit
-    for bit.
+    documents each and the measurements behind ``"auto"``): ``"fused"`` ((M, C) and channels_last,
+    CPU float32/float64) is one compiled call (``ghostsys.nn.fused``, built once per machine);
+    ``"rows"`` (NCHW-like inputs) and ``"cols"`` ((M, C) and channels_last) take all groups' moments
+    in a few whole-tensor passes; ``"loop"`` (a native kernel per group; CPU float32/float64) and
+    ``"chunks"`` (BatchNorm on each chunk, then a cat) run ATen's batch norm per group; these five
+    give first-order gradients only. ``"vectorized"`` (one BatchNorm call over all groups via two
+    copies) is twice differentiable. ``"auto"`` picks by measurement on CPU float32/float64 and
+    takes ``"vectorized"`` elsewhere (so on CUDA); with the sequential policy it takes the chunks,
+    whose buffer updates are BatchNorm's bit for bit. Where the fused kernel cannot be built (no
+    C++ compiler), ``"auto"`` warns once and uses the ATen kernels.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

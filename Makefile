@@ -12,13 +12,16 @@ UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 setup: $(STAMP)
 
 # Re-installs only when the dependency list or the pins change; `make setup` is a no-op otherwise.
-$(STAMP): pyproject.toml constraints.txt setup.py
+$(STAMP): pyproject.toml constraints.txt setup.py ghostsys/nn/csrc/ghost_cols.cpp
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null
 	@$(BIN)/python -m pip install -q -c constraints.txt uv
 	DS_BUILD_OPS=0 $(BIN)/uv pip install -q -p $(BIN)/python $(UV_FLAGS) -c constraints.txt -e '.[dev]'
 	@# setup.py ships ghostsys-torchvision.pth (the torchvision import hook the accelerate CLI needs): check it took.
 	@$(BIN)/python -c "from ghostsys._compat import import_hook_installed as ok; assert ok(), 'ghostsys-torchvision.pth is missing from site-packages'"
+	@# The fused (M, C)/channels_last GhostNorm kernel, compiled once per machine (~20 s); without g++ the layer uses ATen.
+	@$(BIN)/python -c "from ghostsys.nn.fused import build; print('fused GhostNorm kernel:', build())" \
+		|| echo "warning: the fused GhostNorm kernel did not build (see above); GhostBatchNorm falls back to ATen kernels" >&2
 	@touch $@
 
 run: setup

@@ -8,7 +8,8 @@ says otherwise) into ``<torch extensions cache>/ghostsys/`` and loaded with
 ``torch.ops.load_library``. Where it cannot be built, ``available()`` warns once and returns False,
 and ``impl="auto"`` keeps to the ATen kernels: slower, the same numbers.
 
-``python -m ghostsys.nn.fused`` builds it ahead of time (``make setup`` does) and says where it is.
+``make setup`` builds it ahead of time (``ghostsys.nn.fused.build()``); otherwise the first training
+forward that needs it does (about 20 s on 2 cores).
 
 Robust to concurrent and killed builds: an exclusive ``flock`` (released by the kernel when its
 holder dies) serializes builders, and each compiles to a temporary file renamed into place, so a
@@ -39,6 +40,7 @@ SOURCE = Path(__file__).with_name("csrc") / "ghost_cols.cpp"
 # an inline OpenMP loop, serial without it; the libgomp it links is the one torch has already loaded.
 CFLAGS = ("-O3", "-fno-math-errno", "-fopenmp", "-std=c++17", "-fPIC", "-shared", "-w")
 _state: dict[str, object] = {}  # "ok": bool once tried; "error": the reason it failed
+BUILD_ROOT: Path | None = None  # None: torch's extension cache (tests point it at a fresh folder)
 
 
 def _compiler() -> str:
@@ -61,7 +63,8 @@ def library_path() -> Path:
     key.update(SOURCE.read_bytes())
     for part in (torch.__version__, torch.__file__, sys.version, _compiler(), *CFLAGS):
         key.update(part.encode())
-    return Path(cpp_extension.get_default_build_root()) / "ghostsys" / f"ghost_cols-{key.hexdigest()[:16]}.so"
+    root = BUILD_ROOT if BUILD_ROOT is not None else Path(cpp_extension.get_default_build_root()) / "ghostsys"
+    return root / f"ghost_cols-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -130,9 +133,3 @@ def ghost_cols(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
     apply_plan(stats, mean, var)
     return y
 
-
-if __name__ == "__main__":
-    try:
-        print(f"ghostsys fused kernel: {build()}")
-    except RuntimeError as err:
-        sys.exit(f"error: could not build the fused ghost batch-norm kernel: {err}; install g++ or set CXX")

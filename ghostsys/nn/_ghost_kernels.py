@@ -255,7 +255,8 @@ def _loop_row_moments(x: Tensor, impl: str) -> bool:
 def choose_impl(x: Tensor, groups: int, stats: Stats, weight: Tensor | None = None,
                 bias: Tensor | None = None) -> str:
     """The kernel "auto" runs for this input (see the module docstring for the measurements)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    # Cheap attribute reads first (no torch.device objects): this runs on every training forward.
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return "vectorized"
     if isinstance(stats, Sequential):
         return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit

@@ -341,6 +341,16 @@ GS_INLINE void running_step_impl(const T* __restrict__ src, T* __restrict__ runn
   const T f = T(factor), inv_g = T(1) / T(G);
   for (int64_t c = 0; c < C; ++c) running[c] += f * (sum[c] * inv_g - running[c]);
 }
+// out[c] = sum over the G rows of the (G, C) src: dweight and dbias from their per-group terms.
+template <typename T>
+GS_INLINE void sum_groups_impl(const T* __restrict__ src, T* __restrict__ out, int64_t G, int64_t C) {
+  std::copy(src, src + C, out);
+  for (int64_t g = 1; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) out[c] += src[g * C + c];
+}
+GS_CLONES void sum_groups(const float* src, float* out, int64_t G, int64_t C) { sum_groups_impl(src, out, G, C); }
+GS_CLONES void sum_groups(const double* src, double* out, int64_t G, int64_t C) { sum_groups_impl(src, out, G, C); }
+
 GS_CLONES void running_step(const float* src, float* running, int64_t G, int64_t C, double factor) {
   running_step_impl<float>(src, running, G, C, factor);
 }
@@ -422,16 +432,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     at::parallel_for(0, groups, grain(n, C), [&](int64_t g0, int64_t g1) {
       backward_any(g0, g1, gp, xp, mp, ip, wp, dxp, gwp, gbp, n, C);
     });
-    scalar_t *dwp = dw.data_ptr<scalar_t>(), *dbp = db.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      dwp[c] = gwp[c];
-      dbp[c] = gbp[c];
-    }
-    for (int64_t k = 1; k < groups; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        dwp[c] += gwp[k * C + c];
-        dbp[c] += gbp[k * C + c];
-      }
+    sum_groups(gwp, dw.data_ptr<scalar_t>(), groups, C);
+    sum_groups(gbp, db.data_ptr<scalar_t>(), groups, C);
   });
   return {dx, dw, db};
 }

@@ -304,7 +304,7 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
         if impl == "cols":
             return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
         if not fused.supports(x, weight, bias, stats):
-            raise ValueError("impl='fused' needs a CPU float32/float64 input with parameters and running buffers "
+            raise ValueError("impl='fused' needs a non-empty CPU float32/float64 input with parameters and running buffers "
                              "of the same dtype; use impl='auto'")
         if not fused.available():
             raise RuntimeError(f"impl='fused': the kernel could not be built ({fused.build_error()}); use impl='auto'")

@@ -113,8 +113,8 @@ def build_error() -> str:
 def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Stats) -> bool:
     """Whether ghost_cols takes this call as it is: CPU float32/float64, parameters and buffers alike."""
     dtype = x.dtype
-    if not x.is_cpu or (dtype is not torch.float32 and dtype is not torch.float64):
-        return False
+    if not x.is_cpu or (dtype is not torch.float32 and dtype is not torch.float64) or not x.numel():
+        return False  # (an empty input goes where it always went)
     # Attribute reads only (no torch.device objects): this runs on every training forward.
     for t in (weight, bias) if not isinstance(stats, Average) else (weight, bias, stats.running_mean,
                                                                        stats.running_var):

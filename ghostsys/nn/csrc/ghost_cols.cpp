@@ -387,6 +387,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& x, int64_t
   TORCH_CHECK(x.device().is_cpu(), "ghostsys::ghost_cols runs on the CPU");
   TORCH_CHECK(x.dim() >= 2 && groups >= 1 && x.size(0) % groups == 0 && x.size(0) > 0,
               "ghostsys::ghost_cols: the batch (", x.dim() ? x.size(0) : 0, ") must split into ", groups, " groups");
+  TORCH_CHECK(x.size(1) > 0 && x.numel() > 0, "ghostsys::ghost_cols: the input has no values");
   TORCH_CHECK(cols_dense(x), "ghostsys::ghost_cols: the input must be dense (M, C) or channels_last");
   check_param(weight, x, "weight");
   check_param(bias, x, "bias");

@@ -268,3 +268,20 @@ def test_seqnorm_on_new_paths_matches_reference():
         x = make_input((8, 6, 3, 3), fmt, torch.float64, gen)
         want = affine(ref_ghost_norm(F.group_norm(x, 3, eps=1e-5), 2), layer.weight, layer.bias)
         torch.testing.assert_close(layer(x), want, **TOL[torch.float64])
+
+
+def test_torch_compile_traces_auto_through_the_aten_kernel():
+    # The compiled kernel is opaque to torch.compile; under it "auto" takes the ATen "cols" formulation.
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(8, 16), GhostBatchNorm(16, ghost_groups=4), nn.ReLU(), nn.Linear(16, 2)).double()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    want_y = model(x)
+    want_g, = torch.autograd.grad(want_y.sum(), model[0].weight)
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="aot_eager")(x)
+    got_g, = torch.autograd.grad(y.sum(), model[0].weight)
+    torch.testing.assert_close(y, want_y, **TOL[torch.float64])
+    torch.testing.assert_close(got_g, want_g, **TOL[torch.float64])
+    # Negative control: the same weights with the norm over the whole batch (no ghost groups) give something else.
+    whole = F.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, True, 0.0, model[1].eps)
+    assert (model[3](F.relu(whole)) - y).abs().max() > 1e-3

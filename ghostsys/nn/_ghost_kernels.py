@@ -262,7 +262,9 @@ def choose_impl(x: Tensor, groups: int, stats: Stats, weight: Tensor | None = No
         return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit
     if x.dim() > 2 and spatial(x) > 1 and memory_format_of(x) == torch.contiguous_format:
         return "rows"
-    if fused.supports(x, weight, bias, stats) and fused.available():
+    # Under torch.compile the ATen formulation, which the compiler traces (and fuses itself); the compiled
+    # kernel is opaque to it (its C++ autograd cannot run on the tracer's fake tensors).
+    if fused.supports(x, weight, bias, stats) and not torch.compiler.is_compiling() and fused.available():
         return "fused"
     if x.numel() // groups <= _COLS_MAX_GROUP_NUMEL:
         return "cols"

@@ -84,7 +84,9 @@ class GhostBatchNorm(_NormBase):
     copies) is twice differentiable. ``"auto"`` picks by measurement on CPU float32/float64 and
     takes ``"vectorized"`` elsewhere (so on CUDA); with the sequential policy it takes the chunks,
     whose buffer updates are BatchNorm's bit for bit. Where the fused kernel cannot be built (no
-    C++ compiler), ``"auto"`` warns once and uses the ATen kernels.
+    C++ compiler), ``"auto"`` warns once and uses the ATen kernels; under ``torch.compile``, which
+    cannot trace into the compiled kernel, ``"auto"`` takes ``"cols"`` (and an explicit ``"fused"``
+    fails there).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

@@ -36,6 +36,9 @@ SHAPES = {
 # groups longer than its tile-row limit (32 rows), where it switches to whole-row passes with blocked sums.
 SHAPES["fused"] = SHAPES["cols"] + [((8, 37), "contiguous"), ((8, 16), "contiguous"), ((264, 19), "contiguous"),
                                     ((8, 21, 5, 3), "channels_last")]
+# ... and NCHW-like memory as it is (its planar kernel): rows of 16 floats / 8 doubles and ragged tails.
+SHAPES["fused"] += [((8, 4, 3, 2), "contiguous"), ((8, 4, 3, 2), "noncontiguous"), ((12, 3, 5), "contiguous"),
+                    ((8, 3, 2, 2, 3), "contiguous"), ((8, 2, 4, 4), "contiguous"), ((8, 3, 5, 7), "contiguous")]
 CASES = [(impl, shape, fmt) for impl, cases in SHAPES.items() for shape, fmt in cases]
 pytestmark = pytest.mark.filterwarnings("ignore:.*ghost batches of")  # tiny ghost batches are fine for numerics
 
@@ -82,7 +85,7 @@ def test_matches_figure2_outputs_and_grads(impl, shape, fmt, dtype):
                                             ("cols", (8, 3), "contiguous"), ("cols", (8, 3, 2, 2), "channels_last"),
                                             ("chunks", (8, 3, 2, 2), "channels_last"), ("fused", (8, 3), "contiguous"),
                                             ("fused", (8, 3, 2, 2), "channels_last"),
-                                            ("fused", (136, 3), "contiguous")])
+                                            ("fused", (136, 3), "contiguous"), ("fused", (8, 3, 2, 2), "contiguous")])
 def test_gradcheck_float64(impl, shape, fmt):
     gen = torch.Generator().manual_seed(1)
     x = make_input(shape, fmt, torch.float64, gen).requires_grad_()
@@ -200,7 +203,8 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
     base = drift(lambda x: torch.cat([bn(c) for c in x.chunk(groups)]), torch.contiguous_format)
     assert base[0] > 0 and base[1] > 0  # float32 really does drift here: the comparison means something
     for impl, fmt in (("rows", torch.contiguous_format), ("cols", torch.channels_last),
-                      ("chunks", torch.contiguous_format), ("fused", torch.channels_last)):
+                      ("chunks", torch.contiguous_format), ("fused", torch.channels_last),
+                      ("fused", torch.contiguous_format)):
         got = drift(lambda x: _ghost_kernels.ghost_batch_norm(x, groups, None, None, 1e-5, None, impl), fmt)
         assert got[0] <= 8 * base[0] and got[1] <= 8 * base[1], (impl, got, base)
     # Negative control: the naive one-pass variance E[x^2] - E[x]^2 in float32 breaks the bound.
@@ -212,8 +216,9 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
 
 
 @pytest.mark.parametrize("x,policy,want", [
-    (torch.zeros(8, 4, 3, 3), "mean", "rows"),
-    (torch.zeros(8, 4, 5), "mean", "rows"),
+    (torch.zeros(8, 4, 3, 3), "mean", "fused"),
+    (torch.zeros(8, 4, 5), "mean", "fused"),
+    (torch.zeros(128, 16, 32, 33), "mean", "rows"),  # NCHW beyond ResNet-56's largest layer
     (torch.zeros(8, 4), "mean", "fused"),
     (torch.zeros(8, 4, 1, 1), "mean", "fused"),
     (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "mean", "fused"),
@@ -230,6 +235,7 @@ def test_auto_dispatch(x, policy, want):
 # Without the fused kernel (no compiler), "auto" goes back to the ATen kernels chosen as before it existed.
 @pytest.mark.parametrize("x,want", [
     (torch.zeros(8, 4), "cols"),
+    (torch.zeros(8, 4, 3, 3), "rows"),
     (torch.zeros(8, 4, 3, 3).contiguous(memory_format=torch.channels_last), "cols"),
     (torch.zeros(256, 512), "chunks"),  # ghost groups of more than 16384 values
     (torch.zeros(128, 64, 16, 16).contiguous(memory_format=torch.channels_last), "loop"),

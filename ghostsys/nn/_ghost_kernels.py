@@ -3,8 +3,8 @@
 Six interchangeable implementations of "normalize each of G contiguous blocks of the batch on its
 own statistics, then apply one per-channel affine"; ``choose_impl`` is what ``impl="auto"`` runs.
 
-* ``fused`` (``ghostsys.nn.fused``, CPU float32/float64): (M, C) and channels_last memory in ONE
-  compiled call each way (C++, built once per machine), the running-statistics step included.
+* ``fused`` (``ghostsys.nn.fused``, CPU float32/float64): (M, C), channels_last and NCHW memory in
+  ONE compiled call each way (C++, built once per machine), the running-statistics step included.
   ``cols`` below is the same arithmetic as ~25 ATen ops, and at SimpleNet's sizes their dispatch
   (~5-10 us each), not the arithmetic, was the gap to nn.BatchNorm.
 
@@ -36,14 +36,17 @@ ghostsys.bench`` reproduces the table):
 
 * sequential policy -> ``chunks``: bit-identical buffers; against the loop (the other bit-identical
   kernel) 0.57-0.96x on (M, C), 0.87-1.04x on the image shapes.
-* contiguous (M, C, *S) with S > 1 (NCHW, the models' default) -> ``rows``: 0.46-0.56x on the
+* contiguous (M, C, *S) with S > 1 (NCHW, the models' default) of at most 2^21 values (every
+  ResNet-56 layer) -> ``fused``: 0.51-0.88x BatchNorm at 2 threads where ``rows`` is 0.61-1.14x
+  (its pairs run in parallel; rows' ATen passes scale less), on a par at 1 thread (0.63-0.92x vs
+  0.53-0.90x). Larger (WRN-28-10), or without the fused kernel -> ``rows``: 0.46-0.56x on the
   WRN-28-10 shapes, 0.66-0.88x on ResNet-56's (128, 16..64, ...) where the chunk loop is
   1.1-1.6x and the loop 0.9-1.8x. ATen's NCHW batch-norm statistics loop is scalar (double
   accumulation), which is why a few vectorized passes beat it.
-* (M, C) and channels_last -> ``fused`` (measured on a quiet machine, one thread, thread clock:
-  SimpleNet's (256, 300) / (256, 512) 0.84-1.13x BatchNorm for G = 2..64 where ``cols`` was
-  1.8-2.6x; channels_last ResNet-56 / WRN-28-10 shapes 0.43-1.05x where the loop / cols were
-  0.5-1.4x). Where it cannot be built, the ATen kernels as before:
+* (M, C) and channels_last -> ``fused`` (a quiet machine, one thread, thread clock: SimpleNet's
+  (256, 300) / (256, 512) 0.88-1.21x BatchNorm for G = 2..64 where ``cols`` was 1.8-2.6x;
+  channels_last ResNet-56 / WRN-28-10 shapes 0.71-1.20x where the loop / cols were 0.8-1.4x).
+  Where it cannot be built, the ATen kernels as before:
 * (M, C) and channels_last, ghost groups of <= 16384 values -> ``cols``; larger groups -> a native
   kernel per group, ``chunks`` for (M, C) (SimpleNet G=2: 1.2-1.5x where cols is 1.9-2.5x) and
   ``loop`` for channels_last (1.1-1.3x on the WRN shapes where cols is 1.9-2.4x; its out= writes
@@ -87,6 +90,8 @@ _FUSED_BACKWARD = True  # NCHW: fused native backward into scratch + copy (else 
 # "auto", (M, C) and channels_last inputs: ghost groups of at most this many values go to "cols",
 # larger ones to a native kernel per group ("chunks" for (M, C), "loop" for channels_last).
 _COLS_MAX_GROUP_NUMEL = 16384
+# "auto", NCHW inputs: the fused kernel up to this many values, "rows" above (see choose_impl).
+_FUSED_MAX_PLANAR_NUMEL = 1 << 21
 # The previous dispatch's loop/vectorized crossover; "auto" no longer uses it (it picks among the
 # kernels above), but tests/test_norms.py still asserts its test input is above it.
 _LOOP_MIN_GROUP_NUMEL = 4096
@@ -246,6 +251,13 @@ def _cols_dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _fused_dense(x: Tensor) -> Tensor:
+    """x dense in a layout the fused kernel reads: contiguous NCHW-like as it is, else as _cols_dense."""
+    if x.dim() > 2 and spatial(x) > 1 and x.is_contiguous():
+        return x
+    return _cols_dense(x)
+
+
 def _loop_row_moments(x: Tensor, impl: str) -> bool:
     """Whether the loop's forward takes per-(sample, channel) row moments here (NCHW, long rows)."""
     return (impl == "loop" and x.dim() > 2 and memory_format_of(x) == torch.contiguous_format
@@ -261,7 +273,12 @@ def choose_impl(x: Tensor, groups: int, stats: Stats, weight: Tensor | None = No
     if isinstance(stats, Sequential):
         return "chunks"  # BatchNorm over the chunks itself: its buffer updates bit for bit
     if x.dim() > 2 and spatial(x) > 1 and memory_format_of(x) == torch.contiguous_format:
-        return "rows"
+        # NCHW: the fused kernel's pairs in parallel up to ResNet-56's largest layer; beyond, rows' two memory
+        # passes (one vectorized row-moment pass) beat its three (WRN-28-10: 0.5-0.6x vs 0.6-0.8x BatchNorm).
+        if (x.numel() > _FUSED_MAX_PLANAR_NUMEL or not fused.supports(x, weight, bias, stats)
+                or torch.compiler.is_compiling() or not fused.available()):
+            return "rows"
+        return "fused"
     # Under torch.compile the ATen formulation, which the compiler traces (and fuses itself); the compiled
     # kernel is opaque to it (its C++ autograd cannot run on the tracer's fake tensors).
     if fused.supports(x, weight, bias, stats) and not torch.compiler.is_compiling() and fused.available():
@@ -277,7 +294,7 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
     if impl == "auto":
         impl = choose_impl(x, groups, stats, weight, bias)
         if impl == "fused":  # choose_impl checked it all: the shortest path (this runs every training forward)
-            return fused.ghost_cols(_cols_dense(x), groups, weight, bias, eps, stats)
+            return fused.ghost_cols(_fused_dense(x), groups, weight, bias, eps, stats)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if isinstance(stats, Average) and impl in ("loop", "chunks", "vectorized"):
@@ -299,18 +316,18 @@ def ghost_batch_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor
         if x.dim() < 3:
             raise ValueError("impl='rows' needs an (M, C, *spatial) input; use 'cols' for (M, C)")
         return RowsGhostBN.apply(x.contiguous(), weight, bias, groups, eps, stats)
-    if impl in ("cols", "fused"):
-        if x.dim() == 3 and x.shape[2] > 1:
-            raise ValueError(f"impl={impl!r} needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
-        x = _cols_dense(x)
-        if impl == "cols":
-            return ColsGhostBN.apply(x, weight, bias, groups, eps, stats)
+    if impl == "fused":
+        x = _fused_dense(x)
         if not fused.supports(x, weight, bias, stats):
             raise ValueError("impl='fused' needs a non-empty CPU float32/float64 input with parameters and running buffers "
                              "of the same dtype; use impl='auto'")
         if not fused.available():
             raise RuntimeError(f"impl='fused': the kernel could not be built ({fused.build_error()}); use impl='auto'")
         return fused.ghost_cols(x, groups, weight, bias, eps, stats)
+    if impl == "cols":
+        if x.dim() == 3 and x.shape[2] > 1:
+            raise ValueError("impl='cols' needs an (M, C) or channels_last input; use 'rows' for (M, C, L)")
+        return ColsGhostBN.apply(_cols_dense(x), weight, bias, groups, eps, stats)
     if not x.is_contiguous(memory_format=fmt):
         x = x.contiguous()  # an arbitrary strided view: give the kernel dense groups
     return _LoopGhostBN.apply(x, weight, bias, groups, eps, stats)

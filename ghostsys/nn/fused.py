@@ -1,4 +1,4 @@
-"""The fused CPU kernel for ghost batch norm on (M, C) and channels_last memory: build, load, call.
+"""The fused CPU kernel for ghost batch norm on (M, C), channels_last and NCHW memory: build, load, call.
 
 ``csrc/ghost_cols.cpp`` does in one call what the ATen formulation ("cols") needs about 25 small ops
 for; on SimpleNet's (256, 300) and (256, 512) layers that per-op cost, not the arithmetic, was the
@@ -125,7 +125,7 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Stats
 
 def ghost_cols(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                stats: Stats) -> Tensor:
-    """Ghost batch norm of a dense (M, C) or channels_last x in one fused call (see the module docstring)."""
+    """Ghost batch norm of a dense (M, C), channels_last or NCHW x in one fused call (see the module docstring)."""
     op = torch.ops.ghostsys.ghost_cols.default  # the overload itself: skips the packet's dispatch (~1 us a call)
     if isinstance(stats, Average):  # the kernel takes the EMA step itself: no extra ops
         return op(x, groups, weight, bias, stats.running_mean, stats.running_var, stats.factor, eps)[0]

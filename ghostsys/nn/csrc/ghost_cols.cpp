@@ -499,6 +499,19 @@ bool cols_dense(const Tensor& t) {
   return false;
 }
 
+// In parallel: cols(g0, g1) over ranges of groups, or for NCHW memory planar(p0, p1, rows, S) over ranges of
+// (group, channel) pairs; each task gets at least kGrainValues values.
+template <typename Cols, typename Planar>
+void over_blocks(const Tensor& x, int64_t groups, const Cols& cols, const Planar& planar_fn) {
+  const int64_t C = x.size(1), n = x.numel() / (groups * C);
+  if (planar(x)) {
+    const int64_t rows = x.size(0) / groups, S = n / rows;
+    at::parallel_for(0, groups * C, grain(n, 1), [&](int64_t p0, int64_t p1) { planar_fn(p0, p1, rows, S); });
+  } else {
+    at::parallel_for(0, groups, grain(n, C), cols);
+  }
+}
+
 void check_param(const std::optional<Tensor>& p, const Tensor& x, const char* name) {
   if (!p || !p->defined()) return;
   TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous() && p->scalar_type() == x.scalar_type() &&
@@ -536,16 +549,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& x, int64_t
     const scalar_t* bp = opt(bias) ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t *yp = y.data_ptr<scalar_t>(), *mp = mean.data_ptr<scalar_t>();
     scalar_t *ip = invstd.data_ptr<scalar_t>(), *vp = var.data_ptr<scalar_t>();
-    if (planar(x)) {
-      const int64_t S = n / (x.size(0) / groups), rows = x.size(0) / groups;
-      at::parallel_for(0, groups * C, grain(n, 1), [&](int64_t p0, int64_t p1) {
-        forward_planar_any(p0, p1, xp, yp, wp, bp, mp, ip, vp, rows, C, S, eps);
-      });
-    } else {
-      at::parallel_for(0, groups, grain(n, C), [&](int64_t g0, int64_t g1) {
-        forward_any(g0, g1, xp, yp, wp, bp, mp, ip, vp, n, C, eps);
-      });
-    }
+    over_blocks(
+        x, groups, [&](int64_t g0, int64_t g1) { forward_any(g0, g1, xp, yp, wp, bp, mp, ip, vp, n, C, eps); },
+        [&](int64_t p0, int64_t p1, int64_t rows, int64_t S) {
+          forward_planar_any(p0, p1, xp, yp, wp, bp, mp, ip, vp, rows, C, S, eps);
+        });
     for (const Tensor* buf : {opt(running_mean), opt(running_var)}) {
       if (!buf) continue;
       running_step(buf == opt(running_mean) ? mp : vp, buf->data_ptr<scalar_t>(), groups, C, factor);
@@ -569,16 +577,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& dy, const Tensor&
     scalar_t *gwp = gw.data_ptr<scalar_t>(), *gbp = gb.data_ptr<scalar_t>();
     const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();
-    if (planar(x)) {
-      const int64_t S = n / (x.size(0) / groups), rows = x.size(0) / groups;
-      at::parallel_for(0, groups * C, grain(n, 1), [&](int64_t p0, int64_t p1) {
-        backward_planar_any(p0, p1, gp, xp, mp, ip, wp, dxp, gwp, gbp, rows, C, S);
-      });
-    } else {
-      at::parallel_for(0, groups, grain(n, C), [&](int64_t g0, int64_t g1) {
-        backward_any(g0, g1, gp, xp, mp, ip, wp, dxp, gwp, gbp, n, C);
-      });
-    }
+    over_blocks(
+        x, groups, [&](int64_t g0, int64_t g1) { backward_any(g0, g1, gp, xp, mp, ip, wp, dxp, gwp, gbp, n, C); },
+        [&](int64_t p0, int64_t p1, int64_t rows, int64_t S) {
+          backward_planar_any(p0, p1, gp, xp, mp, ip, wp, dxp, gwp, gbp, rows, C, S);
+        });
     sum_groups(gwp, dw.data_ptr<scalar_t>(), groups, C);
     sum_groups(gbp, db.data_ptr<scalar_t>(), groups, C);
   });

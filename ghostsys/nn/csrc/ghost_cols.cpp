@@ -3,7 +3,7 @@
 // Memory (M, *S, C) read as (G, n, C) with n = (M / G) * prod(S): each ghost group is n contiguous rows of C
 // channels, so every loop below runs along C over contiguous memory and vectorizes. One call does what the
 // ATen formulation ("cols") needs about 25 small ops for: the per-op dispatch cost (~5-10 us each) is what made
-// the layer 1.5-2.6x nn.BatchNorm on SimpleNet's (256, 300) / (256, 512) layers, not the arithmetic.
+// the layer 1.8-2.6x nn.BatchNorm on SimpleNet's (256, 300) / (256, 512) layers, not the arithmetic.
 //
 // Numerics: two passes (mean, then the centred sum of squares), as ATen's "cols"; float32 partial sums run over
 // at most kBlock rows and are carried on in double, so rounding grows with kBlock, not with n. The backward is the
@@ -29,6 +29,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // float partial sums over at most this many rows (see the header)
 constexpr int64_t kTileRows = 32;  // groups of up to this many rows go by channel tiles, longer ones by rows
+static_assert(kTileRows <= kBlock, "tiles sum all their rows in T: at most kBlock of them");
 constexpr int64_t kGrainValues = 32768;  // below this many values a thread's wake-up costs more than it saves
 
 #define GS_INLINE inline __attribute__((always_inline))
@@ -38,51 +39,36 @@ constexpr int64_t kGrainValues = 32768;  // below this many values a thread's wa
 #define GS_CLONES
 #endif
 
-// One tile of channels [c0, c0 + L) of one group (n rows, row stride C), L = W (a compile-time width the loops
-// unroll and vectorize over) or, for the last tile of a C that W does not divide, the runtime w < W. The running
-// sums live in registers and the tile's rows (n * L values) stay in L1 between the passes. Float partial sums run
-// over kBlock rows and are carried on in double.
+// One tile of channels [c0, c0 + L) of one group (n <= kTileRows rows, row stride C), L = W (a compile-time width
+// the loops unroll and vectorize over) or, for the last tile of a C that W does not divide, the runtime w < W. The
+// running sums live in registers and the tile's rows (n * L values) stay in L1 between the passes. n <= kBlock, so
+// float sums over all n rows keep kBlock's rounding bound without a double carry.
 template <typename T, int W, bool Full>
 GS_INLINE void forward_tile(const T* __restrict__ x, T* __restrict__ y, int64_t w, const T* __restrict__ weight,
                             const T* __restrict__ bias, T* __restrict__ mean, T* __restrict__ invstd,
                             T* __restrict__ var, int64_t n, int64_t C, T eps) {
   const int64_t L = Full ? W : w;
   T s[W], m[W];
-  double acc[W];
-  const bool blocked = n > kBlock;
-  if (blocked)
-    for (int64_t j = 0; j < L; ++j) acc[j] = 0.0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {  // pass 1: sums
-    const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t j = 0; j < L; ++j) s[j] = T(0);
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = 0; j < L; ++j) s[j] += x[i * C + j];
-    if (blocked)
-      for (int64_t j = 0; j < L; ++j) acc[j] += s[j];
-  }
+  for (int64_t j = 0; j < L; ++j) s[j] = T(0);
+  for (int64_t i = 0; i < n; ++i)  // pass 1: sums
+    for (int64_t j = 0; j < L; ++j) s[j] += x[i * C + j];
   const T inv_n = T(1) / T(n);
-  for (int64_t j = 0; j < L; ++j) m[j] = (blocked ? T(acc[j]) : s[j]) * inv_n;
-  if (blocked)
-    for (int64_t j = 0; j < L; ++j) acc[j] = 0.0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {  // pass 2: centred sums of squares
-    const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t j = 0; j < L; ++j) s[j] = T(0);
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = 0; j < L; ++j) {
-        const T d = x[i * C + j] - m[j];
-        s[j] += d * d;
-      }
-    if (blocked)
-      for (int64_t j = 0; j < L; ++j) acc[j] += s[j];
+  for (int64_t j = 0; j < L; ++j) {
+    m[j] = s[j] * inv_n;
+    s[j] = T(0);
   }
+  for (int64_t i = 0; i < n; ++i)  // pass 2: centred sums of squares
+    for (int64_t j = 0; j < L; ++j) {
+      const T d = x[i * C + j] - m[j];
+      s[j] += d * d;
+    }
   const T unbiased = n > 1 ? T(1) / T(n - 1) : T(NAN);  // BatchNorm's running variance is unbiased
   T scale[W], shift[W];
   for (int64_t j = 0; j < L; ++j) {
-    const T ss = blocked ? T(acc[j]) : s[j];
-    const T inv = T(1) / std::sqrt(ss * inv_n + eps);
+    const T inv = T(1) / std::sqrt(s[j] * inv_n + eps);
     mean[j] = m[j];
     invstd[j] = inv;
-    var[j] = ss * unbiased;
+    var[j] = s[j] * unbiased;
     scale[j] = weight ? inv * weight[j] : inv;
     shift[j] = bias ? bias[j] : T(0);
   }
@@ -106,38 +92,25 @@ GS_INLINE void forward_tiles(int64_t g0, int64_t g1, const T* x, T* y, const T* 
   }
 }
 
-// One tile of the backward (widths as forward_tile): sum(dy), sum(dy * (x - mean)) in registers, then dx (when
-// asked) and the per-group terms of dweight (sum dy * xhat) and dbias (sum dy).
+// One tile of the backward (widths and rows as forward_tile): sum(dy), sum(dy * (x - mean)) in registers, then dx
+// (when asked) and the per-group terms of dweight (sum dy * xhat) and dbias (sum dy).
 template <typename T, int W, bool Full>
 GS_INLINE void backward_tile(const T* __restrict__ dy, const T* __restrict__ x, int64_t w, const T* __restrict__ mean,
                              const T* __restrict__ invstd, const T* __restrict__ weight, T* __restrict__ dx,
                              T* __restrict__ gw, T* __restrict__ gb, int64_t n, int64_t C) {
   const int64_t L = Full ? W : w;
   T s1[W], s2[W];
-  double acc1[W], acc2[W];
-  const bool blocked = n > kBlock;
-  if (blocked)
-    for (int64_t j = 0; j < L; ++j) acc1[j] = acc2[j] = 0.0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t i1 = std::min(n, i0 + kBlock);
-    for (int64_t j = 0; j < L; ++j) s1[j] = s2[j] = T(0);
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = 0; j < L; ++j) {
-        const T d = dy[i * C + j];
-        s1[j] += d;
-        s2[j] += d * (x[i * C + j] - mean[j]);
-      }
-    if (blocked)
-      for (int64_t j = 0; j < L; ++j) {
-        acc1[j] += s1[j];
-        acc2[j] += s2[j];
-      }
-  }
+  for (int64_t j = 0; j < L; ++j) s1[j] = s2[j] = T(0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < L; ++j) {
+      const T d = dy[i * C + j];
+      s1[j] += d;
+      s2[j] += d * (x[i * C + j] - mean[j]);
+    }
   const T inv_n = T(1) / T(n);
   T a[W], bx[W], k[W];
   for (int64_t j = 0; j < L; ++j) {
-    const T sdy = blocked ? T(acc1[j]) : s1[j];
-    const T sdyx = blocked ? T(acc2[j]) : s2[j];
+    const T sdy = s1[j], sdyx = s2[j];
     const T inv = invstd[j];
     a[j] = weight ? inv * weight[j] : inv;
     bx[j] = -a[j] * inv * inv * sdyx * inv_n;

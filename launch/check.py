@@ -10,10 +10,8 @@ Prints a markdown report, writes check.jsonl/check.csv, exits non-zero if any co
 the negative control fails to differ. Bad input: one `error: ...` line naming the flag and the fix, exit 2.
 """
 
-import sys
-
 from ghostsys.check.checker import CheckConfig, check
-from ghostsys.run.cli import build_parser, config_from_args, guarded
+from ghostsys.run.cli import build_parser, config_from_args, exit_process, guarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,4 +21,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

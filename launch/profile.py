@@ -33,7 +33,7 @@ else:
         sys.path.pop(0)
 
     from ghostsys.profile.sweep import ProfileConfig
-    from ghostsys.run.cli import build_parser, config_from_args, guarded
+    from ghostsys.run.cli import build_parser, config_from_args, exit_process, guarded
 
     def main(argv: list[str] | None = None) -> int:
         """Entry point: returns the process exit code."""
@@ -56,4 +56,4 @@ else:
         return guarded(go) or code
 
     if __name__ == "__main__":
-        sys.exit(main())
+        exit_process(main)

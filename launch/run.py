@@ -13,7 +13,7 @@ Parse -> config (preset filled in, explicit flags win) -> ghostsys.run.train.tra
 import sys
 
 from ghostsys.run import presets
-from ghostsys.run.cli import build_parser, config_from_args, guarded
+from ghostsys.run.cli import build_parser, config_from_args, exit_process, guarded
 from ghostsys.run.train import train
 
 
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -39,19 +39,6 @@ def launcher_cmd(launcher: str, nprocs: int, script: str) -> tuple[list[str], di
     raise ValueError(launcher)
 
 
-# A master port picked free can be taken (e.g. by another launch's gloo pair sockets) before the launcher
-# binds it (PORT_CLASH, shared with ghostsys.run.launchers). And with four launches on two cores, one rank of
-# `accelerate launch` twice died at start-up with SIGABRT, "terminate called without an active exception"
-# (a C++ thread torn down unjoined, outside ghostsys; seen twice in full-suite runs on a loaded machine, never
-# when rerun alone). Only these failures are retried, once, on a new port: a real bug fails twice.
-START_CRASH = "terminate called without an active exception"
-
-
-def port_clash(log: str) -> bool:
-    """True when a launch failed for a reason a rerun on a new port removes (see above)."""
-    return launchers.port_clash(log) or START_CRASH in log
-
-
 def run(args: list[str], *, launcher: str = "python", nprocs: int = 1, script: str = "launch/run.py",
         timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a launch script under a launcher; raise with its output if it fails and check is set."""
@@ -59,7 +46,7 @@ def run(args: list[str], *, launcher: str = "python", nprocs: int = 1, script: s
         cmd, extra = launcher_cmd(launcher, nprocs, str(ROOT / script))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
         proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or launcher == "python" or not port_clash(proc.stdout + proc.stderr):
+        if proc.returncode == 0 or launcher == "python" or not launchers.port_clash(proc.stdout + proc.stderr):
             break
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + list(args))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"

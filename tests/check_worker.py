@@ -20,6 +20,7 @@ import torch
 
 from ghostsys.check.checker import CheckConfig, check_on
 from ghostsys.run import dist
+from ghostsys.run.cli import exit_process
 
 
 def main(argv: list[str]) -> int:
@@ -36,4 +37,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(lambda: main(sys.argv[1:]))

@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ghostsys.run.train as train_mod  # noqa: E402
+from ghostsys.run.cli import exit_process  # noqa: E402
 from launch.run import main  # noqa: E402
 
 _real_step = train_mod.train_step
@@ -21,4 +22,4 @@ def _dying_step(s, step, **kw):
 
 
 train_mod.train_step = _dying_step
-sys.exit(main())
+exit_process(main)

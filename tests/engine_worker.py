@@ -20,6 +20,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from ghostsys.run import dist
+from ghostsys.run.cli import exit_process
 from ghostsys.run.engines import ENGINES, Engine, make_engine
 
 M, D_IN, HIDDEN, D_OUT = 16, 8, 16, 4
@@ -139,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main)

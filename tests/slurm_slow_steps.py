@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ghostsys.run.train as train_mod  # noqa: E402
+from ghostsys.run.cli import exit_process  # noqa: E402
 from launch.run import main  # noqa: E402
 
 SLOW_STEP_S = 1.0
@@ -22,4 +23,4 @@ def _slow_step(s, step, **kw):
 
 
 train_mod.train_step = _slow_step
-sys.exit(main())
+exit_process(main)

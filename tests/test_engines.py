@@ -23,8 +23,9 @@ import torch
 from torch.testing import assert_close
 
 from ghostsys.run.engines import make_engine, validate_ds_config
+from ghostsys.run.launchers import port_clash
 from tests import engine_worker as W
-from tests._launch import ROOT, launcher_cmd, port_clash
+from tests._launch import ROOT, launcher_cmd
 
 LAUNCH_TIMEOUT_S = 300  # generous: 2 shared CPU cores; a hung gloo rank is what this guards against
 

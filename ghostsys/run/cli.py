@@ -78,6 +78,33 @@ def guarded(fn: Callable[[], object]) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def exit_process(main: Callable[[], int | str | None]) -> NoReturn:
+    """``sys.exit(main())`` for an entry script, except that a process that was in a process group skips
+    interpreter finalization, where gloo's worker threads can abort a finished run (ghostsys.run.dist.exit_if_joined).
+    """
+    try:
+        code = main()
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException as err:  # a bug: its traceback as Python prints it, then the same exit
+        if not _joined():
+            raise
+        sys.excepthook(type(err), err, err.__traceback__)
+        code = 130 if isinstance(err, KeyboardInterrupt) else 1
+    if _joined():
+        from ghostsys.run import dist
+
+        dist.exit_if_joined(code)
+    sys.exit(code)
+
+
+def _joined() -> bool:
+    # Only a process that imported ghostsys.run.dist (and so torch) can have joined a group through it;
+    # checking sys.modules keeps flag-only entry points (sweep rows, the profile driver) free of torch.
+    dist = sys.modules.get("ghostsys.run.dist")
+    return dist is not None and dist.joined()
+
+
 def _say(err: Exception) -> None:
     # Every rank meets the same error (see train.agreed); one line from rank 0 is the whole message.
     from ghostsys.run import dist  # imported here: parsing and checking flags never needs torch (sweep rows)

@@ -11,7 +11,9 @@ initialized or the group has one member, so single-process code needs no special
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +32,8 @@ _TRUE = {"1", "true", "yes", "y", "on", "t"}  # what accelerate's str_to_bool ac
 # The collective timeout init() gave the default group. new_group() does not inherit it (it
 # falls back to torch's 30 min default), so consecutive_subgroups() passes it on explicitly.
 _timeout: timedelta | None = None
+# Set once this process has been in a process group (its own or an engine's): see run_and_exit().
+_joined = False
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,13 @@ def init(timeout_s: float = 120.0, device: str | None = None) -> DistInfo:
     dev = _pick_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    global _joined, _timeout
     if is_initialized():
+        _joined = True
         # Accelerate / DeepSpeed got here first: describe their group; its timeout is theirs.
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), dev)
     if world == 1:
         return DistInfo(0, 1, local, None, dev)
-    global _timeout
     backend = "nccl" if dev.type == "cuda" else "gloo"
     # The timeout bounds every collective: a dead or stuck peer makes the others raise (gloo) or
     # be torn down by the NCCL watchdog, instead of hanging the job until the scheduler kills it.
@@ -129,6 +134,7 @@ def init(timeout_s: float = 120.0, device: str | None = None) -> DistInfo:
         timeout=_timeout,
         device_id=dev if dev.type == "cuda" else None,
     )
+    _joined = True
     return DistInfo(rank, world, local, backend, dev)
 
 
@@ -137,8 +143,10 @@ def init_single_process_group() -> None:
 
     An in-process store needs no env vars; DeepSpeed also asserts LOCAL_RANK is set, 0 for a lone process.
     """
+    global _joined
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
                             rank=0, world_size=1)
+    _joined = True
     os.environ["LOCAL_RANK"] = "0"
 
 
@@ -147,6 +155,40 @@ def shutdown() -> None:
     # Exiting with a live gloo group aborts a fraction of otherwise successful runs.
     if is_initialized():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """True once this process has been in a process group (ghostsys' own or an engine's), even after shutdown()."""
+    return _joined or is_initialized()
+
+
+def exit_if_joined(code: int | str | None) -> None:
+    """Exit with ``code`` without finalizing the interpreter if this process has been in a process group; else return.
+
+    Why: a gloo worker thread drops its reference to a finished collective a moment after the caller's
+    wait() returns. When that release is the tensors' last reference and the moment falls inside Python's
+    finalization (a loaded machine deschedules the worker for that long), the release needs the GIL, and a
+    finalizing interpreter ends any thread that asks for it by a forced unwind; the unwind hits a noexcept
+    destructor: "terminate called without an active exception", SIGABRT, after a run that succeeded.
+    (Core dump: ProcessGroupGloo::runLoop > ~AsyncBroadcastWork > TensorImpl::decref_pyobject > take_gil >
+    pthread_exit > std::terminate; 1 launch in 3 of tests/engine_worker.py with four launches on 2 cores.)
+    destroy_process_group() does not join gloo's threads (only the backend's destructor does, once nothing
+    references it, and engines keep references), so the certain way out is not to finalize: destroy the
+    groups, run the atexit handlers, flush, os._exit. ghostsys.run.cli.exit_process calls this.
+    """
+    if not joined():
+        return
+    shutdown()
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, multiprocessing's joins, ...
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    os._exit(code or 0)
 
 
 def all_reduce_sum_(t: Tensor, group: ProcessGroup | None = None) -> Tensor:

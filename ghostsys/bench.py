@@ -21,6 +21,10 @@ itself, and whether a buffer is fresh depends on the C allocator's history rathe
 variant: ``--steady-alloc`` keeps freed memory in the process so the table compares the kernels
 (report both). ``--clock thread`` (one thread only) times the calling thread's CPU time, which
 ignores time spent descheduled: use it on a shared machine.
+
+``--autocast bf16`` times what a bf16 mixed-precision network runs: every forward under
+``torch.autocast`` with bfloat16, the layers fed bfloat16 activations and gradients (what a
+convolution under autocast hands them), parameters kept in float32.
 """
 
 from __future__ import annotations
@@ -170,21 +174,23 @@ def _run_cases(cases: dict[str, tuple[str, Callable[[], None]]], params: list[Te
 def benchmark(shape: tuple[int, ...] = (128, 64, 32, 32), threads: tuple[int, ...] = (1, 2), reps: int = 20,
               warmup: int = 3, groups: tuple[int, ...] = (1, 4, 16, 64), seq: tuple[int, int] | None = (16, 8),
               device: str | torch.device = "cpu", channels_last: bool = False, seed: int = 0,
-              clock: str = "wall", rounds: int = 3, seq_groups: tuple[int, ...] | None = None) -> list[dict]:
+              clock: str = "wall", rounds: int = 3, seq_groups: tuple[int, ...] | None = None,
+              autocast: torch.dtype | None = None) -> list[dict]:
     """Time forward+backward of every layer variant at one shape; one dict per (threads, variant).
 
     Variants: BatchNorm, GhostBatchNorm / chunk loop / Figure-2 (with an affine) at each G in
     `groups`, and SeqNorm(seq[0] channel groups, G) against F.group_norm + BatchNorm for G in
     `seq_groups` (default: seq[1] only), where the channel groups divide C. clock="thread" times the
     calling thread's CPU time (user + system, so page faults count): steadier on a shared machine,
-    meaningful only for CPU runs with one thread.
+    meaningful only for CPU runs with one thread. `autocast` (e.g. torch.bfloat16): inputs and
+    gradients in that dtype, every forward under torch.autocast with it.
     """
     device = torch.device(device)
     _timer(clock, device, threads)  # refuse a bad clock before building anything
     gen = torch.Generator().manual_seed(seed)
     c = shape[1]
-    x = torch.randn(shape, generator=gen).to(device)
-    dy = torch.randn(shape, generator=gen).to(device)
+    x = torch.randn(shape, generator=gen).to(device, autocast)
+    dy = torch.randn(shape, generator=gen).to(device, autocast)
     if channels_last and x.dim() in (4, 5):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
@@ -197,7 +203,12 @@ def benchmark(shape: tuple[int, ...] = (128, 64, 32, 32), threads: tuple[int, ..
         return mod
 
     def fwd_bwd(f: Callable[[], Tensor]) -> Callable[[], None]:
-        return lambda: f().backward(dy)
+        def run() -> None:
+            with _autocast(device, autocast):
+                y = f()
+            y.backward(dy if y.dtype == dy.dtype else dy.to(y.dtype))  # a layer may answer float32 under autocast
+
+        return run
 
     bn = new(bn_cls(c))
     cases: dict[str, tuple[str, Callable[[], None]]] = {"BatchNorm": ("BatchNorm", fwd_bwd(lambda: bn(x)))}
@@ -222,8 +233,17 @@ def benchmark(shape: tuple[int, ...] = (128, 64, 32, 32), threads: tuple[int, ..
             sn = new(SeqNorm(c, channel_groups=g_c, ghost_groups=g_m))
             cases[f"SeqNorm G_C={g_c} G_M={g_m}"] = ("group_norm+BatchNorm", fwd_bwd(lambda m=sn: m(x)))
     params = [x] + [p for m in modules for p in m.parameters()]
-    return _run_cases(cases, params, {"shape": tuple(shape), "channels_last": channels_last}, threads, reps, warmup,
-                      rounds, device, clock)
+    extra = {"shape": tuple(shape), "channels_last": channels_last, "autocast": _dtype_name(autocast)}
+    return _run_cases(cases, params, extra, threads, reps, warmup, rounds, device, clock)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast with `dtype` on the device's type, or a context that does nothing."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "no" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def model_norm_shapes(name: str, batch: int | None = None) -> list[tuple[int, ...]]:
@@ -250,7 +270,7 @@ def model_norm_shapes(name: str, batch: int | None = None) -> list[tuple[int, ..
 def model_steps(names: tuple[str, ...] = tuple(MODELS), threads: tuple[int, ...] = (1, 2), reps: int = 3,
                 warmup: int = 1, ghost_groups: int = 16, channel_groups: int = 4, device: str | torch.device = "cpu",
                 channels_last: bool = False, seed: int = 0, clock: str = "wall", rounds: int = 1,
-                reps_by_model: dict[str, int] | None = None) -> list[dict]:
+                reps_by_model: dict[str, int] | None = None, autocast: torch.dtype | None = None) -> list[dict]:
     """Time whole training steps (forward, cross-entropy, backward, SGD step) of each model with
     BatchNorm, GhostBatchNorm(ghost_groups) and SeqNorm(channel_groups, ghost_groups); same weights
     and data for all three. One dict per (model, threads, variant); ratio to the BatchNorm model."""
@@ -279,12 +299,15 @@ def model_steps(names: tuple[str, ...] = tuple(MODELS), threads: tuple[int, ...]
             params += list(model.parameters())
 
             def step(model=model, opt=opt) -> None:
-                F.cross_entropy(model(x), y).backward()
+                with _autocast(device, autocast):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
                 opt.step()
 
             cases[variant] = ("BatchNorm", step)
         n = (reps_by_model or {}).get(name, reps)
-        extra = {"model": name, "shape": (batch, *in_shape), "channels_last": channels_last}
+        extra = {"model": name, "shape": (batch, *in_shape), "channels_last": channels_last,
+                 "autocast": _dtype_name(autocast)}
         rows += _run_cases(cases, params, extra, threads, n, warmup, rounds, device, clock)
     return rows
 
@@ -378,6 +401,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="wall time (default) or the thread's CPU time (steadier on a busy machine; --threads 1 only)")
     p.add_argument("--steady-alloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt), so page faults do not blur the table")
+    p.add_argument("--autocast", choices=("no", "bf16"), default="no",
+                   help="time under torch.autocast with bfloat16: bf16 activations, float32 parameters (default no)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small shape, few reps, SimpleNet steps")
     a = p.parse_args(argv)
     threads = tuple(int(t) for t in a.threads.split(","))
@@ -393,6 +418,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)} or 'none'")
     step_reps = {k: int(v) for k, v in (kv.split("=") for kv in a.step_reps.split(",") if kv)}
+    amp = torch.bfloat16 if a.autocast == "bf16" else None
     steady = steady_allocator() if a.steady_alloc else False
     if a.steady_alloc and not steady:
         print("note: --steady-alloc had no effect (not glibc?)")
@@ -407,7 +433,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--step-threads: {e}")
     print(f"before: {_load()}; threads {a.threads} (training steps: {','.join(map(str, step_threads))}); "
           f"{a.clock} clock; {'channels_last' if a.channels_last else 'contiguous'}; "
-          f"{'steady' if steady else 'default'} allocator; fp32")
+          f"{'steady' if steady else 'default'} allocator; {'fp32' if amp is None else 'bf16 autocast'}")
     rows: list[dict] = []
     if a.quick:
         shapes, owners = [(64, 16, 8, 8)], {(64, 16, 8, 8): "quick"}
@@ -437,7 +463,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"timing {shape} ({owners.get(shape, 'given')}), G {groups}, {n} reps after {warm} warm-up per block ...",
               file=sys.stderr, flush=True)
         rows += benchmark(shape, threads, n, warm, groups, (a.seq_channel_groups, 0), device, a.channels_last,
-                          clock=a.clock, rounds=a.rounds or 3, seq_groups=tuple(g for g in groups if g > 1))
+                          clock=a.clock, rounds=a.rounds or 3, seq_groups=tuple(g for g in groups if g > 1),
+                          autocast=amp)
     print(f"\nLayers: forward+backward, ratio = median / median of nn.BatchNorm (SeqNorm: of F.group_norm(G_C="
           f"{a.seq_channel_groups}) + nn.BatchNorm) at the same shape and thread count; [p10-p90] over the same median")
     print(format_layer_table(rows, owners))
@@ -447,7 +474,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"timing training steps of {', '.join(models)} ...", file=sys.stderr, flush=True)
         steps = model_steps(models, step_threads, 3, 1 if a.warmup is None else a.warmup, a.step_groups,
                             a.seq_channel_groups, device, a.channels_last, clock=a.clock, rounds=a.rounds or 1,
-                            reps_by_model=step_reps)
+                            reps_by_model=step_reps, autocast=amp)
         print(f"\nTraining steps (forward, cross-entropy, backward, SGD step) at each model's batch, GhostNorm and "
               f"SeqNorm with G_M={a.step_groups}; ratio = median over the BatchNorm model's median, same thread count")
         print(format_model_table(steps))

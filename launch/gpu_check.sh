@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one GPU): the layer benchmark, a profile of layer /
-# accumulate at fp32 and bf16, ghostsys' loop overhead and the equivalence checker, all on CUDA; every
-# table goes to one folder.
+# One prepared GPU check (under 8 minutes on one GPU): the layer benchmark at fp32 and under bf16 autocast,
+# a profile of layer / accumulate at fp32 and bf16, ghostsys' loop overhead and the equivalence checker,
+# all on CUDA; every table goes to one folder.
 #
 #   make gpu-check                      # = launch/gpu_check.sh runs/gpu-check
 #   launch/gpu_check.sh OUT --cpu-smoke # the same steps, tiny and on CPU: proves the script runs here
@@ -27,8 +27,9 @@ else
     exit 0
   fi
   DEV=cuda
-  # ResNet-56 at M=128 is a norm-layer shape of DESIGN §9; 16x16 synthetic images keep each run short.
-  BENCH=(--device cuda --threads 1 --reps 20 --rounds 3 --shape 128,64,32,32 --groups 1,4,16,64)
+  # The bench: every norm-layer shape of the three models at G_M=64 (issue 8's GPU target), layers only
+  # (whole steps are the profile's). 16x16 synthetic images keep the profile short.
+  BENCH=(--device cuda --threads 1 --reps 20 --rounds 3 --groups 1,64 --no-steps)
   PROFILE=(--device cuda --model resnet56 --batch-size 128 --steps 30 --warmup 5 --profiled-steps 3)
   CHECK=()
   OVERHEAD=(--device cuda --reps 5 --steps 30 --warmup 5 --model resnet56 --batch-size 128)
@@ -55,9 +56,10 @@ step() {  # step NAME CMD...: run with a time limit, tee its table, say how long
 }
 FAILED=0
 step bench "$PY" -m ghostsys.bench "${BENCH[@]}"
+step bench-bf16 "$PY" -m ghostsys.bench "${BENCH[@]}" --autocast bf16
 step profile "$PY" launch/profile.py --modes layer,accumulate --world-sizes 1 --mixed-precision no,bf16 \
   --no-progress --out "$OUT/profile" "${PROFILE[@]}"
 step overhead "$PY" -m ghostsys.profile.overhead --out "$OUT" "${OVERHEAD[@]}"
 step check "$PY" launch/check.py --out "$OUT/check" "${CHECK[@]}"
-echo "tables: $OUT/{bench,profile,overhead,check}.md; profile rows: $OUT/profile/profile.csv"
+echo "tables: $OUT/{bench,bench-bf16,profile,overhead,check}.md; profile rows: $OUT/profile/profile.csv"
 exit $FAILED

@@ -44,3 +44,23 @@ def test_cuda_without_a_gpu_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--device", "cuda"])
     assert exit_.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_autocast_feeds_the_layers_bf16(monkeypatch, capsys):
+    # What a bf16 network's norm layer sees: bf16 activations under autocast, its parameters kept float32.
+    import ghostsys.bench as bench
+
+    seen = []
+
+    class Recording(bench.GhostBatchNorm):
+        def forward(self, x):
+            seen.append((x.dtype, self.weight.dtype, torch.is_autocast_enabled("cpu")))
+            return super().forward(x)
+
+    monkeypatch.setattr(bench, "GhostBatchNorm", Recording)
+    rows = main(["--quick", "--threads", "1", "--autocast", "bf16", "--models", "none"])
+    assert "bf16 autocast" in capsys.readouterr().out
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32, True)}
+    assert {r["autocast"] for r in rows} == {"bfloat16"}
+    fp32 = bench.benchmark((8, 4), (1,), reps=1, warmup=0, groups=(2,), seq=None)  # the negative control
+    assert {r["autocast"] for r in fp32} == {"no"} and seen[-1][0] == torch.float32

@@ -215,6 +215,30 @@ def test_float32_as_accurate_as_batchnorm_far_from_zero():
     assert (naive.double() - want_y).abs().max() > 8 * base[0]
 
 
+@pytest.mark.skipif(not fused.available(), reason="the fused kernel could not be built here (no compiler)")
+def test_fused_long_group_moments_far_from_zero():
+    # Groups longer than the tile limit take the statistics block by block (64 rows), merging the blocks' means
+    # and centred sums of squares in double. 3 full blocks and a ragged one, 100 standard deviations from zero.
+    # Bounds in float32, with u its unit roundoff and k = 64 rows a block: a block's sum rounds by <= k*u*sum|x|,
+    # so each mean is off by <= k*u*max|x| (the double merge and the float64 reference add ~1e-16: nothing at this
+    # scale); the centred squares are all >= 0, so their float sum is off by <= k*u relatively, and centring on a
+    # mean off by d adds d^2 per row. (float64 is held to 1e-10 of the reference by the tests above.)
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(7)
+    groups, n, k, u = 2, 64 * 3 + 5, 64, torch.finfo(dtype).eps / 2
+    x64 = torch.randn(groups * n, 11, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 2.0, 11) + 100.0
+    _, mean, var = torch.ops.ghostsys.ghost_cols(x64.to(dtype), groups, None, None, None, None, 0.0, 1e-5)
+    want_var, want_mean = torch.var_mean(x64.view(groups, n, 11), dim=1)  # unbiased, as the kernel's var
+    mean_tol = (k + 2) * u * x64.abs().max().item()
+    var_tol = (k + 4) * u * want_var + mean_tol**2 * n / (n - 1)
+    assert ((mean.double() - want_mean).abs() <= mean_tol).all()
+    assert ((var.double() - want_var).abs() <= var_tol).all()
+    # Negative control: the one-pass E[x^2] - E[x]^2 at this dtype breaks the variance bound.
+    xd = x64.to(dtype).view(groups, n, 11)
+    naive = (xd.square().mean(1) - xd.mean(1).square()) * n / (n - 1)
+    assert ((naive.double() - want_var).abs() > var_tol).any()
+
+
 @pytest.mark.parametrize("x,policy,want", [
     (torch.zeros(8, 4, 3, 3), "mean", "fused"),
     (torch.zeros(8, 4, 5), "mean", "fused"),

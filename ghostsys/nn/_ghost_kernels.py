@@ -44,8 +44,10 @@ ghostsys.bench`` reproduces the table):
   1.1-1.6x and the loop 0.9-1.8x. ATen's NCHW batch-norm statistics loop is scalar (double
   accumulation), which is why a few vectorized passes beat it.
 * (M, C) and channels_last -> ``fused`` (a quiet machine, one thread, thread clock: SimpleNet's
-  (256, 300) / (256, 512) 0.88-1.21x BatchNorm for G = 2..64 where ``cols`` was 1.8-2.6x;
-  channels_last ResNet-56 / WRN-28-10 shapes 0.71-1.20x where the loop / cols were 0.8-1.4x).
+  (256, 300) / (256, 512) 0.89-1.18x BatchNorm for G = 2..64 where ``cols`` was 1.8-2.6x;
+  channels_last ResNet-56 / WRN-28-10 shapes 0.75-1.01x where the loop / cols were 0.8-1.4x; long
+  groups merge 64-row blocks' moments, one memory read for the statistics: WRN-28-10's
+  (128, 160, 32, 32) at G = 2 went from 1.22x to 0.97x).
   Where it cannot be built, the ATen kernels as before:
 * (M, C) and channels_last, ghost groups of <= 16384 values -> ``cols``; larger groups -> a native
   kernel per group, ``chunks`` for (M, C) (SimpleNet G=2: 1.2-1.5x where cols is 1.9-2.5x) and

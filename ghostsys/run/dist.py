@@ -32,7 +32,7 @@ _TRUE = {"1", "true", "yes", "y", "on", "t"}  # what accelerate's str_to_bool ac
 # The collective timeout init() gave the default group. new_group() does not inherit it (it
 # falls back to torch's 30 min default), so consecutive_subgroups() passes it on explicitly.
 _timeout: timedelta | None = None
-# Set once this process has been in a process group (its own or an engine's): see run_and_exit().
+# Set once this process has been in a process group (its own or an engine's): see exit_if_joined().
 _joined = False
 
 
@@ -171,7 +171,7 @@ def exit_if_joined(code: int | str | None) -> None:
     finalizing interpreter ends any thread that asks for it by a forced unwind; the unwind hits a noexcept
     destructor: "terminate called without an active exception", SIGABRT, after a run that succeeded.
     (Core dump: ProcessGroupGloo::runLoop > ~AsyncBroadcastWork > TensorImpl::decref_pyobject > take_gil >
-    pthread_exit > std::terminate; 1 launch in 3 of tests/engine_worker.py with four launches on 2 cores.)
+    pthread_exit > std::terminate; 7 of 84 launches of tests/engine_worker.py, four at a time on 2 cores.)
     destroy_process_group() does not join gloo's threads (only the backend's destructor does, once nothing
     references it, and engines keep references), so the certain way out is not to finalize: destroy the
     groups, run the atexit handlers, flush, os._exit. ghostsys.run.cli.exit_process calls this.
